@@ -1,0 +1,33 @@
+# Set-up is part of every target: a fresh clone needs only `make run` or `make test`.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# A CPU build of torch (on the project's CPU machines it lies on local disk); override for CUDA.
+TORCH ?= torch==2.13.0
+# Extra arguments for the main job, e.g. make run ARGS="--budget 3.5bpw".
+ARGS  ?=
+
+.PHONY: run test setup bench-uniform report clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/aqsearch run --model smollm2-135m $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench-uniform: $(VENV)/.installed
+	$(PY) benchmarks/uniform.py
+
+report: $(VENV)/.installed
+	$(PY) benchmarks/report.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from aqsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""The ``aqsearch`` command. Contract: DESIGN.md. ``--json`` puts one JSON object on stdout and
+nothing else; progress goes to stderr; bad input gives one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from aqsearch.errors import AqError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise AqError(f"{self.prog.split()[-1]}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _add_model(p: argparse.ArgumentParser, default: str | None = "smollm2-135m") -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="smollm2-135m (embedded), a Hugging Face id or folder, or a .gguf file")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_data(p: argparse.ArgumentParser, eval_tokens: int = 4096, seqlen: int = 512) -> None:
+    p.add_argument("--calib-data", default=None, help="text file or hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (default: model samples)")
+    p.add_argument("--eval-data", default=None, help="held-out text, same forms (default: model samples)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=eval_tokens, help="held-out tokens to evaluate on")
+    p.add_argument("--seqlen", type=_positive_int, default=seqlen, help="evaluation window length")
+    p.add_argument("--split", type=float, default=None, help="fraction of one text used for calibration when both are the same text")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass (default: 1 on CPU, 8 on GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="aqsearch", description="Fit a causal LM into a memory budget with the least loss of quality.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("eval", help="evaluate a scheme or plan against the full-precision model")
+    _add_model(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheme", help="uniform scheme, e.g. w4g64 or w3g32s")
+    g.add_argument("--plan", help="plan JSON file")
+    _add_data(p)
+
+    p = sub.add_parser("run", help="the main job on a model: uniform schemes now, the full search later")
+    _add_model(p)
+    _add_data(p, eval_tokens=2048, seqlen=256)
+    p.add_argument("--schemes", default="w8g128,w4g64,w4g128,w3g64,w2g64", help="comma-separated schemes")
+    p.add_argument("--budget", default=None, help="memory budget: bytes, 70MiB, 1.5GiB or 3.5bpw")
+    _plugins(sub)
+    return ap
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AqError(f"device {name!r} asked for but CUDA is not available")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise AqError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    return name
+
+
+def _emit(args, obj: dict, table: str) -> None:
+    if args.json:
+        json.dump(obj, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+
+
+def _setup(args):
+    """Model, evaluation set and reference shared by eval and run."""
+    from aqsearch.data import calib_eval_sets
+    from aqsearch.models import load_model
+    from aqsearch.quality import build_reference
+
+    device = resolve_device(args.device)
+    for f in (args.calib_data, args.eval_data):
+        if f is not None and not f.startswith("hf:") and not os.path.isfile(f):
+            raise AqError(f"data file not found: {f}")
+    loaded = load_model(args.model, device=device)
+    _, ev = calib_eval_sets(loaded, args.calib_data, args.eval_data, eval_tokens=args.eval_tokens,
+                            seqlen=args.seqlen, split=args.split)
+    bs = args.batch_size or (8 if device.startswith("cuda") else 1)
+    ref = build_reference(loaded.model, ev, batch_size=bs, cache_key=loaded.fingerprint)
+    return loaded, ev, ref, bs
+
+
+def cmd_eval(args) -> int:
+    from aqsearch.config import Plan
+    from aqsearch.quality import evaluate
+
+    plan = Plan.uniform(args.scheme) if args.scheme else (Plan.load(args.plan) if args.plan else None)
+    loaded, ev, ref, bs = _setup(args)
+    m = evaluate(loaded.model, ref, plan, batch_size=bs)
+    obj = {"model": args.model, "scheme": args.scheme, "plan": args.plan, **m.to_json(),
+           "seqlen": ev.seqlen, "eval_data": ev.describe(), "device": str(next(loaded.model.parameters()).device)}
+    _emit(args, obj, format_table([dict(name=args.scheme or args.plan or "full precision", **m.to_json())]))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from aqsearch.config import Plan, QuantScheme
+    from aqsearch.quality import evaluate
+
+    from aqsearch.config import Budget
+    from aqsearch.memory import budget_bytes
+    from aqsearch.models import decoder_layers
+
+    schemes = [QuantScheme.parse(s) for s in args.schemes.split(",") if s.strip()]
+    budget = Budget.parse(args.budget) if args.budget else None
+    loaded, ev, ref, bs = _setup(args)
+    limit = budget_bytes(budget, decoder_layers(loaded.model)) if budget else None
+    rows = []
+    for s in schemes:
+        m = evaluate(loaded.model, ref, Plan.uniform(s), batch_size=bs)
+        rows.append({"name": str(s), **m.to_json(), "fits": None if limit is None else m.bytes <= limit})
+    table = format_table(rows)
+    if limit is not None:
+        fits = [r for r in rows if r["fits"]]
+        best = min(fits, key=lambda r: r["kl_mean"]) if fits else None
+        table += f"\nbudget {budget} = {limit:,} bytes: " + (
+            f"best uniform scheme {best['name']} (KL {best['kl_mean']:.4f})" if best else "no uniform scheme fits")
+    _emit(args, {"model": args.model, "eval_data": ev.describe(), "budget_bytes": limit, "results": rows}, table)
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'plan':<16}{'bpw':>7}{'bytes':>13}{'KL mean':>10}{'KL p99':>9}{'top-1':>8}{'ppl ratio':>11}{'s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<16}{r['bpw']:>7.3f}{r['bytes']:>13,}{r['kl_mean']:>10.4f}{r['kl_p99']:>9.3f}"
+            f"{r['top1']:>8.3f}{r['ppl_ratio']:>11.4f}{r['seconds']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+COMMANDS = {"eval": cmd_eval, "run": cmd_run}
+# Modules that add their own subcommands: each has ``register(sub) -> {name: handler}`` and keeps
+# its heavy imports inside the handlers.
+PLUGINS = ("aqsearch.materialize",)
+
+
+def _plugins(sub) -> None:
+    import importlib
+
+    for name in PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        COMMANDS.update(mod.register(sub))
+
+
+def _join_dash_values(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--budget -3GiB`` -> ``--budget=-3GiB``: argparse would read the value as an unknown option,
+    and the user should hear what is wrong with the value instead."""
+    subs = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    takes_value = {o for sa in subs for sp in sa.choices.values() for a in sp._actions
+                   if a.option_strings and a.nargs is None for o in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in takes_value:
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    try:
+        ap = build_parser()
+        args = ap.parse_args(_join_dash_values(ap, list(sys.argv[1:] if argv is None else argv)))
+        return COMMANDS[args.command](args)
+    except AqError as e:
+        print(f"aqsearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aqsearch: interrupted after {time.time() - t0:.0f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

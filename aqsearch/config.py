@@ -1,0 +1,269 @@
+"""Plain-data concepts shared by every module: schemes, plans, budgets, gates.
+
+Everything here is frozen, hashable where it can be, and round-trips through JSON.
+
+>>> QuantScheme.parse("w4g64")
+QuantScheme(bits=4, group=64, sym=False)
+>>> str(QuantScheme.parse("w3g32s"))
+'w3g32s'
+>>> Plan.uniform("w4g64").scheme_for("model.layers.0.mlp.up_proj")
+QuantScheme(bits=4, group=64, sym=False)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from aqsearch.errors import AqError
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, 256)
+PLAN_VERSION = 1
+
+_SCHEME_RE = re.compile(r"^w(\d+)(?:g(\d+))?(s?)$")
+
+
+@dataclass(frozen=True, order=True)
+class QuantScheme:
+    """Bits, group size along the input dimension, symmetric or not.
+
+    ``group=None`` means one group per output row (per-channel), written without ``g``: ``w8``.
+    Asymmetric groups store an fp16 scale and an fp16 zero (4 bytes), symmetric ones an fp16 scale.
+    """
+
+    bits: int
+    group: int | None = 128
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise AqError(f"invalid scheme: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.group is not None and self.group not in GROUPS:
+            raise AqError(
+                f"invalid scheme: group size must be one of {', '.join(map(str, GROUPS))}, got {self.group}"
+            )
+
+    @classmethod
+    def parse(cls, text: str | QuantScheme) -> QuantScheme:
+        """``w{bits}g{group}[s]`` (``w4g64``, ``w3g32s``) or ``w{bits}[s]`` for per-channel."""
+        if isinstance(text, QuantScheme):
+            return text
+        m = _SCHEME_RE.match(str(text).strip())
+        if not m:
+            raise AqError(f"invalid scheme {text!r}: expected w{{bits}}g{{group}}[s], e.g. w4g64 or w3g32s")
+        bits, group, sym = int(m.group(1)), m.group(2), bool(m.group(3))
+        if bits not in BITS:
+            raise AqError(f"invalid scheme {text!r}: bits must be one of {', '.join(map(str, BITS))}")
+        if group is not None and int(group) not in GROUPS:
+            raise AqError(f"invalid scheme {text!r}: group size must be one of {', '.join(map(str, GROUPS))}")
+        return cls(bits, None if group is None else int(group), sym)
+
+    @property
+    def meta_bytes_per_group(self) -> int:
+        """fp16 scale (+ fp16 zero when asymmetric)."""
+        return 2 if self.sym else 4
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def __str__(self) -> str:
+        g = "" if self.group is None else f"g{self.group}"
+        return f"w{self.bits}{g}{'s' if self.sym else ''}"
+
+
+def all_schemes(sym: bool = False) -> list[QuantScheme]:
+    """Every grouped scheme, fewest bytes last: the candidate set of the engine and the search."""
+    return [QuantScheme(b, g, sym) for b in sorted(BITS, reverse=True) for g in GROUPS]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ordered map from layer name (exact, ``re:`` regex, or ``_default``) to a scheme or ``None``.
+
+    ``None`` keeps a layer in full precision. Exact names win over regexes, regexes are tried in
+    order, ``_default`` applies last.
+
+    >>> p = Plan.from_json({"version": 1, "layers": {"_default": "w4g64", "re:.*down_proj": "w8g128"}})
+    >>> str(p.scheme_for("model.layers.3.mlp.down_proj"))
+    'w8g128'
+    """
+
+    entries: tuple[tuple[str, QuantScheme | None], ...] = ()
+    meta: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @classmethod
+    def uniform(cls, scheme: str | QuantScheme) -> Plan:
+        return cls((("_default", QuantScheme.parse(scheme)),))
+
+    @classmethod
+    def from_layers(cls, layers: Mapping[str, str | QuantScheme | None]) -> Plan:
+        out = []
+        for name, s in layers.items():
+            if name.startswith("re:"):
+                try:
+                    re.compile(name[3:])
+                except re.error as e:
+                    raise AqError(f"invalid plan: bad regex {name!r}: {e}") from None
+            out.append((name, None if s is None or s in ("fp16", "none") else QuantScheme.parse(s)))
+        return cls(tuple(out))
+
+    def scheme_for(self, name: str) -> QuantScheme | None:
+        d = dict(self.entries)
+        if name in d:
+            return d[name]
+        for key, s in self.entries:
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return s
+        return d.get("_default")
+
+    def resolve(self, names: Iterable[str]) -> dict[str, QuantScheme | None]:
+        """Concrete scheme for every layer name given."""
+        return {n: self.scheme_for(n) for n in names}
+
+    def to_json(self) -> dict:
+        return {
+            "version": PLAN_VERSION,
+            "layers": {k: (None if s is None else str(s)) for k, s in self.entries},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> Plan:
+        if not isinstance(obj, Mapping) or "layers" not in obj:
+            raise AqError("invalid plan: expected a JSON object with 'version' and 'layers'")
+        if obj.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise AqError(f"invalid plan: version {obj.get('version')} is not supported (expected {PLAN_VERSION})")
+        return cls.from_layers(obj["layers"])
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except FileNotFoundError:
+            raise AqError(f"plan file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise AqError(f"plan file {path} is not valid JSON: {e}") from None
+        return cls.from_json(obj)
+
+    def save(self, path: str, extra: Mapping | None = None) -> None:
+        from aqsearch.io import write_json_atomic
+
+        obj = self.to_json()
+        if extra:
+            obj.update(extra)
+        write_json_atomic(path, obj)
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_json()["layers"])
+
+
+_BUDGET_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*([A-Za-z]*)\s*$")
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory target: bytes (``73400320``, ``70MiB``, ``1.5GiB``) or bits a weight (``3.5bpw``).
+
+    A budget bounds ``bytes``: the stored bytes of the layers a plan governs (codes + scales +
+    zeros). ``bpw`` resolves against the number of weights in those layers.
+
+    >>> Budget.parse("3.5bpw").resolve(n_weights=1000)
+    437
+    >>> Budget.parse("1MiB").resolve(n_weights=10)
+    1048576
+    """
+
+    value: float
+    unit: str  # "bytes" or "bpw"
+
+    @classmethod
+    def parse(cls, text: str | int | float | Budget) -> Budget:
+        if isinstance(text, Budget):
+            return text
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise AqError(f"invalid budget {text!r}: expected bytes, e.g. 73400320, 70MiB, 1.5GiB or 3.5bpw")
+        num, unit = float(m.group(1)), m.group(2).lower()
+        if num <= 0:
+            raise AqError(f"invalid budget {text!r}: must be positive")
+        if unit == "bpw":
+            if num > 32:
+                raise AqError(f"invalid budget {text!r}: more than 32 bits a weight makes no sense")
+            return cls(num, "bpw")
+        if unit not in _UNITS:
+            raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use B, KiB, MiB, GiB or bpw)")
+        return cls(float(int(num * _UNITS[unit])), "bytes")
+
+    def resolve(self, n_weights: int) -> int:
+        """Bytes allowed for layers holding ``n_weights`` weights."""
+        if self.unit == "bpw":
+            return int(self.value * n_weights // 8)
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}bpw" if self.unit == "bpw" else f"{int(self.value)}B"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Quality thresholds; ``None`` disables a check. Defaults are documented in the README.
+
+    >>> Gate.parse("kl=0.05,ppl=1.05").kl
+    0.05
+    """
+
+    kl: float | None = 0.05  # max mean KL (nats/token)
+    kl_p99: float | None = None  # max 99th-percentile KL
+    ppl: float | None = None  # max perplexity ratio
+    top1: float | None = None  # min top-1 agreement
+    block_mse: float | None = 0.02  # max normalised block-output MSE (cheap inner gate)
+
+    _KEYS = {"kl": "kl", "p99": "kl_p99", "kl_p99": "kl_p99", "ppl": "ppl", "top1": "top1", "mse": "block_mse"}
+
+    @classmethod
+    def parse(cls, text: str | Gate | None) -> Gate:
+        if text is None:
+            return cls()
+        if isinstance(text, Gate):
+            return text
+        kw: dict[str, float | None] = {}
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            if "=" not in part:
+                raise AqError(f"invalid gate {text!r}: expected key=value pairs such as kl=0.05,ppl=1.05")
+            k, v = (s.strip() for s in part.split("=", 1))
+            if k not in cls._KEYS:
+                raise AqError(f"invalid gate {text!r}: unknown key {k!r} (use {', '.join(sorted(cls._KEYS))})")
+            if v.lower() in ("none", "off"):
+                kw[cls._KEYS[k]] = None
+                continue
+            try:
+                val = float(v)
+            except ValueError:
+                raise AqError(f"invalid gate {text!r}: {k} must be a number") from None
+            if val <= 0:
+                raise AqError(f"invalid gate {text!r}: {k} must be positive")
+            kw[cls._KEYS[k]] = val
+        return cls(**kw)
+
+    def check(self, m: Mapping[str, float]) -> list[str]:
+        """Names of the end-to-end checks that ``m`` (an evaluation's fields) fails."""
+        failed = []
+        if self.kl is not None and m["kl_mean"] > self.kl:
+            failed.append(f"kl_mean {m['kl_mean']:.4g} > {self.kl:g}")
+        if self.kl_p99 is not None and m["kl_p99"] > self.kl_p99:
+            failed.append(f"kl_p99 {m['kl_p99']:.4g} > {self.kl_p99:g}")
+        if self.ppl is not None and m["ppl_ratio"] > self.ppl:
+            failed.append(f"ppl_ratio {m['ppl_ratio']:.4g} > {self.ppl:g}")
+        if self.top1 is not None and m["top1"] < self.top1:
+            failed.append(f"top1 {m['top1']:.4g} < {self.top1:g}")
+        return failed
+
+    def __str__(self) -> str:
+        parts = [f"{k}={getattr(self, a):g}" for k, a in (("kl", "kl"), ("p99", "kl_p99"), ("ppl", "ppl"),
+                 ("top1", "top1"), ("mse", "block_mse")) if getattr(self, a) is not None]
+        return ",".join(parts)

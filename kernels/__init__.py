@@ -1,0 +1,1 @@
+"""Triton kernels and bit packing for aqsearch (installed as ``aqsearch.kernels``)."""

@@ -1,0 +1,69 @@
+"""The command-line contract: JSON on stdout only, one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from aqsearch.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--scheme", "w5g64"], "bits must be one of"),
+    (["eval", "--scheme", "w4g48"], "group size must be one of"),
+    (["eval", "--scheme", "w4g128x"], "expected w{bits}g{group}"),
+    (["eval", "--model", "/no/such/model.gguf", "--scheme", "w4g64"], "model file not found"),
+    (["eval", "--model", "./no/such/dir", "--scheme", "w4g64"], "model path not found"),
+    (["run", "--budget", "-3GiB"], "must be positive"),
+    (["eval", "--eval-tokens", "-5"], "must be positive"),
+    (["eval", "--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_input_one_line(capsys, argv, needle):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aqsearch: error:") and needle in lines[0]
+
+
+def test_bad_data_one_line(capsys, tiny_dir, tmp_path, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(empty))
+    assert rc == 2 and "data file is empty" in err.strip().splitlines()[-1]
+    rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(text_file),
+                       "--eval-tokens", "100000", "--seqlen", "64")
+    assert rc == 2 and "not enough" in err.strip().splitlines()[-1] and out == ""
+    rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--eval-data", str(text_file),
+                       "--calib-data", str(text_file), "--seqlen", "32", "--eval-tokens", "64")
+    assert rc == 2 and "same text" in err
+
+
+def test_eval_json_on_stdout_only(capsys, tiny_dir, text_file, other_text_file):
+    rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(text_file),
+                       "--calib-data", str(other_text_file), "--eval-tokens", "128", "--seqlen", "64", "--json")
+    assert rc == 0
+    obj = json.loads(out)
+    for k in ("kl_mean", "kl_p99", "kl_max", "top1", "ppl", "ppl_ref", "ppl_ratio", "bytes", "bytes_total", "bpw",
+              "tokens", "seconds"):
+        assert k in obj
+    assert obj["tokens"] == 2 * 63 and obj["kl_mean"] > 0 and obj["eval_data"]["hash"] == obj["data_hash"]
+
+
+def test_run_marks_budget(capsys, tiny_dir, text_file):
+    rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--eval-data", str(text_file), "--eval-tokens", "64",
+                       "--seqlen", "32", "--schemes", "w8g32,w2g32", "--budget", "4bpw", "--json")
+    obj = json.loads(out)
+    assert rc == 0 and [r["fits"] for r in obj["results"]] == [False, True]
+    assert obj["results"][0]["kl_mean"] < obj["results"][1]["kl_mean"]
+
+
+def test_console_script_exit_status():
+    p = subprocess.run([sys.executable, "-m", "aqsearch", "eval", "--scheme", "w4g128x"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
