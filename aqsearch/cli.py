@@ -105,9 +105,13 @@ def cmd_eval(args) -> int:
     from aqsearch.config import Plan
     from aqsearch.quality import evaluate
 
-    plan = Plan.uniform(args.scheme) if args.scheme else (Plan.load(args.plan) if args.plan else None)
+    from aqsearch.apply import rtn_weight
+    from aqsearch.weights import load_plan
+
+    plan, weight_fn = (Plan.uniform(args.scheme), rtn_weight) if args.scheme else (
+        load_plan(args.plan) if args.plan else (None, rtn_weight))
     loaded, ev, ref, bs = _setup(args)
-    m = evaluate(loaded.model, ref, plan, batch_size=bs)
+    m = evaluate(loaded.model, ref, plan, weight_fn=weight_fn, batch_size=bs)
     obj = {"model": args.model, "scheme": args.scheme, "plan": args.plan, **m.to_json(),
            "seqlen": ev.seqlen, "eval_data": ev.describe(), "device": str(next(loaded.model.parameters()).device)}
     _emit(args, obj, format_table([dict(name=args.scheme or args.plan or "full precision", **m.to_json())]))
@@ -154,7 +158,7 @@ def format_table(rows: list[dict]) -> str:
 COMMANDS = {"eval": cmd_eval, "run": cmd_run}
 # Modules that add their own subcommands: each has ``register(sub) -> {name: handler}`` and keeps
 # its heavy imports inside the handlers.
-PLUGINS = ("aqsearch.materialize",)
+PLUGINS = ("aqsearch.cli_progressive", "aqsearch.cli_search", "aqsearch.materialize")
 
 
 def _plugins(sub) -> None:

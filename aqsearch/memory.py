@@ -65,8 +65,9 @@ class MemoryReport:
 def other_params(model: nn.Module, governed: list[LayerInfo]) -> int:
     """Elements of every parameter outside the governed layers (tied tensors once)."""
     gov = {f"{l.name}.weight" for l in governed}
-    seen, total = set(), 0
-    for name, p in model.named_parameters(remove_duplicate=False):
+    params = list(model.named_parameters(remove_duplicate=False))
+    seen, total = {p.data_ptr() for name, p in params if name in gov}, 0
+    for name, p in params:
         if name in gov or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())

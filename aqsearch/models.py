@@ -116,8 +116,25 @@ def decoder_layers(model: nn.Module) -> list[LayerInfo]:
     return out
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
+def embedding_layers(model: nn.Module) -> list[LayerInfo]:
+    """The token embedding and the LM head as governable layers (one entry when they are tied).
+
+    Both are ``[vocab, hidden]`` matrices quantized along ``hidden``; for SmolLM2 they are one tied
+    tensor holding 21 % of the weights (half of the bytes at 4 bits a decoder weight).
+    """
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    n = len(decoder_blocks(model))
+    v, d = emb.weight.shape
+    out = [LayerInfo("model.embed_tokens", -1, "embed_tokens", "embed", v, d)]
+    if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
+        out.append(LayerInfo("lm_head", n, "lm_head", "head", head.weight.shape[0], head.weight.shape[1]))
+    return out
+
+
+def governed_layers(model: nn.Module, embeddings: bool = False) -> list[LayerInfo]:
+    """The layers a plan decides: the decoder Linears, plus embedding and head when asked."""
+    return (embedding_layers(model) if embeddings else []) + decoder_layers(model)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -197,6 +214,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a cached load takes seconds; its bar would only crowd stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
     src = resolve_source(spec)
     try:

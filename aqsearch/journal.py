@@ -1,0 +1,127 @@
+"""The rollback log: append-only JSON lines, one decision a line, flushed and fsynced line by line.
+
+Record types (field ``type``):
+
+- ``start``: what the run is (model fingerprint, budget, gate, settings, data hashes, regressor);
+- ``try``: one measured configuration of a block: ``phase`` (descend, sensitivity, group, train,
+  lookahead, rebalance), ``config``, ``delta`` (normalised block error added), ``bytes`` of the block,
+  ``plan_bytes`` of the whole plan as it stands, ``decision`` (pass, fail, revert, stop-early, skip,
+  lower, raise) and ``why``;
+- ``curve``: a training run's loss curve, with the regressor's prediction;
+- ``block``: a finished block: its accepted config, trained-weight artifact (file + sha256) and its
+  menu of measured configurations;
+- ``rebalance``: a block's config changed after the sweep, to meet or to use the budget;
+- ``polish``: a block trained at its final scheme (its curve, and its weights as an artifact);
+- ``final``: the plan, its bytes and its held-out measurement.
+
+A run killed at any point leaves a valid prefix (a torn last line is ignored). Started again with the
+same journal, the engine keeps the finished blocks and redoes only the rest; ``replay`` rebuilds the
+plan from the records alone.
+
+>>> import tempfile, os
+>>> p = os.path.join(tempfile.mkdtemp(), "j.jsonl")
+>>> j = Journal(p); j.append({"type": "start", "x": 1}); j.append({"type": "try", "decision": "pass"})
+>>> [r["type"] for r in Journal(p).records()]
+['start', 'try']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from aqsearch.config import Plan
+from aqsearch.errors import AqError
+
+VERSION = 1
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.artifacts = self.path.with_name(self.path.name + ".d")
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, default=_default) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    return  # torn last line from a crash mid-write
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise AqError(f"journal {self.path} is corrupt at line {n}") from None
+
+    def header(self) -> dict[str, Any] | None:
+        for r in self.records():
+            return r if r.get("type") == "start" else None
+        return None
+
+    def truncate_torn_tail(self) -> None:
+        """Drop a torn last line so that appending continues on a clean line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    return str(o)
+
+
+def replay(journal: Journal) -> tuple[Plan, dict[str, dict]]:
+    """The plan the journal's decisions lead to, and the trained-weight artifacts it uses.
+
+    Returns ``(plan, trained)`` where ``trained`` maps a layer name to ``{"file", "sha256"}``.
+    """
+    head = journal.header()
+    if head is None:
+        raise AqError(f"journal {journal.path} has no start record (empty or not a journal)")
+    blocks: dict[int, dict] = {}
+    polished: dict[int, dict] = {}
+    final = None
+    for r in journal.records():
+        t = r.get("type")
+        if t == "block":
+            blocks[r["block"]] = r
+        elif t == "rebalance":
+            blk = dict(blocks[r["block"]])
+            blk["layers"], blk["trained"] = r["layers"], r.get("trained")
+            blocks[r["block"]] = blk
+        elif t == "polish":
+            polished[r["block"]] = r
+        elif t == "final":
+            final = r
+    if len(blocks) < head["n_blocks"]:
+        raise AqError(f"journal {journal.path} is unfinished: {len(blocks)} of {head['n_blocks']} blocks done; "
+                      "run the same progressive command again to resume it")
+    layers: dict[str, str | None] = {}
+    trained: dict[str, dict] = {}
+    for i in sorted(blocks):
+        layers.update(blocks[i]["layers"])
+        ref = polished[i].get("trained") if i in polished else blocks[i].get("trained")
+        for name in (ref or {}).get("layers", []):
+            trained[name] = {"file": ref["file"], "sha256": ref["sha256"]}
+    plan = Plan.from_layers(layers)
+    if final is not None and Plan.from_json(final["plan"]) != plan:
+        raise AqError(f"journal {journal.path}: its decisions do not lead to its final plan (edited by hand?)")
+    return plan, trained

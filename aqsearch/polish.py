@@ -1,0 +1,108 @@
+"""Train every block of a fixed plan, in order, each fed the outputs of the trained blocks before it.
+
+The progressive engine decides the schemes; this pass then trains each quantized block at its final
+scheme (block training is what separates a good low-bit model from round-to-nearest). A run whose
+optimistic predicted final held-out loss is not at least ``min_gain`` below its starting loss stops at
+the end of its prefix: 8-bit blocks, for instance, have nothing to gain. The same function trains
+uniform plans, which is the baseline the engine is measured against.
+
+Each block's result goes to the journal (``polish`` records, weights in the journal's folder), so
+that a resumed run keeps the blocks already trained.
+
+>>> # see tests/test_polish.py for a runnable example on a tiny model
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from aqsearch.capture import Activations, progress
+from aqsearch.config import Plan
+from aqsearch.curves import CurveRegressor, early_stopper
+from aqsearch.data import TokenSet
+from aqsearch.journal import Journal
+from aqsearch.models import BLOCK_LINEARS, decoder_blocks
+from aqsearch.quantizers import QTensor, dequantize, fake_quantize
+from aqsearch.training import Curve, TrainSettings, rel_error, train_block
+from aqsearch.weights import load_qtensors, save_qtensors
+
+
+def polish(
+    model,
+    plan: Plan,
+    calib: TokenSet,
+    settings: TrainSettings,
+    heldout: float = 0.25,
+    regressor: CurveRegressor | None = None,
+    min_gain: float = 0.1,
+    journal: Journal | None = None,
+    desc: str = "training blocks",
+) -> tuple[dict[str, QTensor], dict]:
+    """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas)."""
+    t0 = time.time()
+    blocks = decoder_blocks(model)
+    n = calib.windows.shape[0]
+    n_held = max(1, round(n * heldout))
+    held, train_idx = torch.arange(n - n_held, n), torch.arange(n - n_held)
+    done = {}
+    if journal is not None:
+        for r in journal.records():
+            if r["type"] == "polish":
+                done[r["block"]] = r
+        if regressor is not None and done:
+            regressor.refit([Curve.from_json(r["curve"]) for i, r in sorted(done.items()) if r.get("curve")])
+    acts = Activations.capture(model, calib.windows, batch=settings.batch)
+    out: dict[str, QTensor] = {}
+    stats = {"steps": 0, "steps_full": 0, "blocks": [], "activations": acts.report()}
+    with progress(len(blocks), desc, unit="block") as bar:
+        for i, blk in enumerate(blocks):
+            schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
+            y_fp = acts.run(blk, acts.x_fp)
+            if i in done:
+                q = _load(journal, done[i])
+                stats["blocks"].append({k: done[i].get(k) for k in ("block", "before", "after", "steps", "stopped")})
+                stats["steps"] += done[i]["steps"]
+                stats["steps_full"] += done[i]["steps_full"]
+            elif schemes:
+                floor = rel_error(acts, blk, {}, y_fp, held)
+                rtn = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
+                before = rel_error(acts, blk, rtn, y_fp, held)
+                goal = floor + (1.0 - min_gain) * (before - floor)
+                preds: list = []
+                stop = early_stopper(regressor, goal, preds) if regressor is not None else None
+                q, curve = train_block(blk, schemes, acts, y_fp, train_idx, held, settings, floor=floor,
+                                       should_stop=stop, tag=f"polish block {i}")
+                if regressor is not None and curve.stopped is None:
+                    regressor.refit([curve])
+                rec = {"type": "polish", "block": i, "before": before - floor, "after": curve.best - floor,
+                       "steps": curve.steps_run, "steps_full": settings.steps, "stopped": curve.stopped,
+                       "curve": curve.to_json(), "prediction": preds[-1] if preds else None}
+                if journal is not None:
+                    path = journal.artifacts / f"polish{i:03d}.safetensors"
+                    names = {f"model.layers.{i}.{sfx}": t for sfx, t in q.items()}
+                    rec["trained"] = {"file": str(path.relative_to(journal.path.parent)),
+                                      "sha256": save_qtensors(path, names), "layers": sorted(names)}
+                    journal.append(rec)
+                stats["steps"] += curve.steps_run
+                stats["steps_full"] += settings.steps
+                stats["blocks"].append({k: rec[k] for k in ("block", "before", "after", "steps", "stopped")})
+            else:
+                q = {}
+            for sfx, t in q.items():
+                out[f"model.layers.{i}.{sfx}"] = t
+            weights = {f"{sfx}.weight": dequantize(t).to(y_fp.device) for sfx, t in q.items()}
+            acts.advance(blk, weights, y_fp=y_fp)
+            bar.update(1)
+    stats["seconds"] = time.time() - t0
+    return out, stats
+
+
+def _load(journal: Journal, rec: dict) -> dict[str, QTensor]:
+    ref = rec.get("trained")
+    if not ref:
+        return {}
+    full = load_qtensors(journal.path.parent / ref["file"], ref["sha256"])
+    return {k.split(".", 3)[-1]: v for k, v in full.items()}
+

@@ -1,0 +1,385 @@
+"""The Optuna study: per-unit schemes, held-out KL against bytes, a memory budget as a constraint.
+
+This is the only module that imports optuna. A trial picks one scheme per unit of the
+:class:`~aqsearch.space.Space`, is scored on held-out windows (KL mean, with perplexity ratio, top-1
+and KL p99 stored beside it) and counts its exact bytes; ``bytes - budget`` is its constraint
+(``Trial.set_constraint``, mirrored into the ``constraints`` system attribute that optuna-dashboard
+reads). With ``train=True`` a trial also trains the units it uses (:mod:`aqsearch.unittrain`): it runs
+the prefixes of the units no earlier trial trained, asks the learning-curve regressor for their final
+losses, and is pruned when even its optimistic trained KL is dominated by a finished trial of no more
+bytes (the prediction is kept on the trial); otherwise it finishes them and is scored trained.
+
+Storage: SQLite by default (one process); any RDB URL (PostgreSQL) for several workers and machines;
+``journal:///path`` for several processes on one host. RDB storages get heartbeats: a trial whose
+worker died is marked failed and run again with the same parameters. The study holds exactly
+``trials`` queued trials; workers take them one at a time until the queue is empty.
+
+>>> # see README "Search" for a runnable example; tests/test_search.py runs studies on a tiny model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import warnings
+
+import optuna
+
+from aqsearch.apply import WeightCache
+from aqsearch.config import Budget, Plan
+from aqsearch.errors import AqError
+from aqsearch.memory import format_bytes
+from aqsearch.quality import Measurement, build_reference, evaluate
+from aqsearch.space import FULL, Space, build_space
+from aqsearch.weights import trained_weight_fn
+
+# heartbeats, set_constraint and objective names are marked experimental; they are what we need
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+METRICS = ["KL mean (nats/token)", "bytes"]
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
+
+
+class QueueEmpty(Exception):
+    """Another worker took the last queued trial first; the trial made in its place ends as failed."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    granularity: str = "layer"
+    tie: bool = True
+    embeddings: bool = False
+    kernel_only: bool = False
+    sym: bool = False
+    sampler: str = "tpe"  # or "nsga2"
+    seed: int = 0
+    eval_tokens: int = 4096
+    seqlen: int = 512
+    calib_windows: int = 16
+    calib_seqlen: int = 256
+    train: bool = False
+    steps: int = 40
+    prune: bool = True
+    warm_uniform: bool = True
+
+
+def make_storage(url: str, heartbeat: int = 30):
+    """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials."""
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
+    if not url.startswith(("sqlite://", "postgresql", "mysql")):
+        raise AqError(f"unsupported storage {url!r}: use sqlite:///file.db, postgresql://..., or journal:///file")
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+    except Exception as e:
+        raise AqError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
+
+
+def make_sampler(s: SearchSettings):
+    if s.sampler == "tpe":
+        # multivariate + group: the best of Optuna's samplers on a few hundred categorical dimensions
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, n_startup_trials=10)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=30)
+    raise AqError(f"unknown sampler {s.sampler!r}: use tpe or nsga2")
+
+
+def load_study(storage: str, name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(storage))
+    except KeyError:
+        raise AqError(f"no study named {name!r} in {storage}") from None
+
+
+class Objective:
+    """Scores trials; holds the model, the held-out reference, and the caches of weights and units."""
+
+    def __init__(self, loaded, space: Space, ref, limit: int, settings: SearchSettings, batch: int,
+                 trainer=None, regressor=None):
+        self.loaded, self.space, self.ref, self.limit, self.s = loaded, space, ref, limit, settings
+        self.batch, self.trainer, self.reg = batch, trainer, regressor
+        self.weights = WeightCache()
+        self.new_curves: list = []
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        if "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
+            trial.study.stop()
+            raise QueueEmpty
+        params = {u.name: trial.suggest_categorical(u.name, list(u.choices)) for u in self.space.units}
+        plan = self.space.plan(params)
+        nbytes = self.space.bytes(params)
+        trial.set_constraint("memory", float(nbytes - self.limit))
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(nbytes - self.limit)])
+        m = evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), self.weights, self.batch)
+        trial.set_user_attr("rtn_kl_mean", m.kl_mean)
+        if self.trainer is not None:
+            m = self.train(trial, params, plan, m, nbytes)
+        for k in ("kl_p99", "kl_max", "top1", "ppl", "ppl_ref", "ppl_ratio", "bytes_total", "bpw"):
+            trial.set_user_attr(k, getattr(m, k))
+        trial.set_user_attr("plan", json.dumps(plan.to_json()["layers"]))
+        return m.kl_mean, float(nbytes)
+
+    def train(self, trial, params, plan, m_rtn: Measurement, nbytes: int) -> Measurement:
+        from aqsearch.unittrain import optimistic_kl, prefix_steps
+
+        units = [u for u in self.space.units if params[u.name] != FULL and u.block >= 0]
+        rtn, known, runs, used = [], [], [], []
+        for u in units:
+            c = params[u.name]
+            suffixes = tuple(n.split(".", 3)[-1] for n in u.layers)
+            rtn.append(self.trainer.rtn_delta(u.block, suffixes, u.name, c))
+            if self.trainer.cached(u.name, c) is not None:
+                known.append(self.trainer.trained_delta.get((u.name, c), rtn[-1]))
+            else:
+                runs.append((u, c, self.trainer.start(u.block, suffixes, u.name, c)))
+            used.append((u.name, c))
+        pre = prefix_steps(self.trainer.s)
+        for _, _, r in runs:
+            r.advance(pre)
+        steps_full = len(runs) * self.trainer.s.steps
+        if self.s.prune and runs and self.reg is not None and self.reg.models:
+            preds = [self.reg.predict(r.curve, pre) for _, _, r in runs]
+            kl_opt = optimistic_kl(m_rtn.kl_mean, rtn, known, preds)
+            trial.set_user_attr("predicted_kl_optimistic", kl_opt)
+            beaten_by = [t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                         if t.values and t.values[1] <= nbytes and t.values[0] <= kl_opt]
+            if beaten_by:
+                trial.set_user_attr("train_steps", sum(r.step for _, _, r in runs))
+                trial.set_user_attr("train_steps_full", steps_full)
+                trial.set_user_attr("pruned_because", f"optimistic trained KL {kl_opt:.4g} is dominated by trial {beaten_by[0]}")
+                raise optuna.TrialPruned(f"dominated by trial {beaten_by[0]}")
+        for u, c, r in runs:
+            r.advance()
+            q, curve = r.finish()
+            self.trainer.store(u.block, u.name, c, q, curve)
+            self.new_curves.append(curve)
+        if self.reg is not None and len(self.new_curves) >= 16:  # refit as curves arrive
+            self.reg.refit(self.new_curves)
+            self.new_curves = []
+        trial.set_user_attr("train_steps", sum(r.step for _, _, r in runs))
+        trial.set_user_attr("train_steps_full", steps_full)
+        trial.set_user_attr("trained_units", used)
+        tensors = {}
+        for name, c in used:
+            tensors.update(self.trainer.cached(name, c))
+        return evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), trained_weight_fn(tensors), self.batch)
+
+
+def _queue(study: optuna.Study, space: Space, trials: int, warm: list[tuple[str, dict]]) -> None:
+    """Warm starts first, then blank trials, until the study holds ``trials`` (failed ones not counted)."""
+    existing = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+    if existing:
+        return  # a study continues with the queue it has
+    for label, params in warm[:trials]:
+        study.enqueue_trial(params, user_attrs={"warm_start": label})
+    for _ in range(trials - min(len(warm), trials)):
+        study.enqueue_trial({})
+
+
+def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.FrozenTrial], uniform: bool) -> list[tuple[str, dict]]:
+    out = []
+    if uniform:
+        common = set.intersection(*(set(u.choices) for u in space.units)) - {FULL}
+        for c in sorted(common, key=lambda c: -space.bytes({u.name: c for u in space.units})):
+            out.append((f"uniform {c}", {u.name: c for u in space.units}))
+    for p in plans:
+        out.append((f"plan {os.path.basename(p)}", space.params_of(Plan.load(p))))
+    for t in earlier:
+        if set(t.params) == {u.name for u in space.units}:
+            out.append((f"earlier trial {t.number}", dict(t.params)))
+    return out
+
+
+def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_name: str, settings: SearchSettings,
+              calib: str | None = None, device: str = "cpu", warm_plans: list[str] = (), warm_study: str | None = None,
+              workers: int = 1, worker: bool = False, argv: list[str] | None = None, heartbeat: int = 30,
+              regressor=None) -> optuna.Study:
+    """Create or continue a study and run trials until its queue is empty. See the module docstring."""
+    from aqsearch.data import calib_eval_sets
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = build_space(loaded.model, settings.granularity, settings.tie, settings.embeddings,
+                        settings.kernel_only, settings.sym)
+    limit = Budget.parse(budget).resolve(space.weights)
+    smallest = space.bytes(space.extreme(smallest=True))
+    if limit < smallest:
+        raise AqError(f"budget {format_bytes(limit)} ({limit:,} B) is below the smallest model this space allows: "
+                      f"{format_bytes(smallest)} ({smallest:,} B, {8 * smallest / space.weights:.3f} bpw)")
+    if workers > 1 and storage.startswith("sqlite"):
+        raise AqError("several workers need a storage that takes parallel writers: postgresql://... or journal:///file")
+    st = make_storage(storage, heartbeat)
+    study = optuna.create_study(storage=st, sampler=make_sampler(settings), study_name=study_name,
+                                directions=["minimize", "minimize"], load_if_exists=True)
+    if not worker:
+        import optuna_dashboard
+
+        optuna_dashboard.set_objective_names(study, METRICS)
+        study.set_user_attr("aqsearch", {"model": loaded.name, "fingerprint": loaded.fingerprint,
+                                         "budget_bytes": limit, "weights": space.weights,
+                                         "settings": asdict(settings), "units": len(space.units)})
+        earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
+        _queue(study, space, trials, warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
+    procs = []
+    if workers > 1 and not worker:
+        for k in range(1, workers):
+            env = dict(os.environ, AQSEARCH_WORKER=str(k))
+            procs.append(subprocess.Popen([sys.executable, "-m", "aqsearch", *(argv or []), "--worker"], env=env))
+    # the same split of the calibration text for every worker: the first part trains, the rest scores
+    cal, ev = calib_eval_sets(loaded, calib, calib, calib_windows=settings.calib_windows,
+                              calib_seqlen=settings.calib_seqlen, eval_tokens=settings.eval_tokens,
+                              seqlen=settings.seqlen, split=0.5) if calib else calib_eval_sets(
+        loaded, None, None, calib_windows=settings.calib_windows, calib_seqlen=settings.calib_seqlen,
+        eval_tokens=settings.eval_tokens, seqlen=settings.seqlen)
+    batch = 8 if device.startswith("cuda") else 1
+    ref = build_reference(loaded.model, ev, batch_size=batch, cache_key=loaded.fingerprint)
+    trainer = None
+    if settings.train:
+        from aqsearch.training import TrainSettings
+        from aqsearch.unittrain import UnitTrainer
+
+        trainer = UnitTrainer(loaded.model, cal, TrainSettings(steps=settings.steps, batch=8, seed=settings.seed),
+                              key=loaded.fingerprint)
+        study.set_user_attr("unit_cache", str(trainer.folder)) if not worker else None
+    obj = Objective(loaded, space, ref, limit, settings, batch, trainer, regressor)
+
+    def stop_when_queue_empty(study, _trial):
+        if not study.get_trials(deepcopy=False, states=(WAITING,)):
+            study.stop()
+
+    from aqsearch.capture import progress
+
+    done = lambda: len(study.get_trials(deepcopy=False, states=FINISHED))  # noqa: E731
+    with progress(trials, f"search {study_name}", unit="trial") as bar:
+
+        def tick(study, trial):
+            bar.n = min(done(), trials)
+            bar.refresh()
+
+        tick(study, None)
+        deadline = None
+        while True:
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails and is queued again
+            if study.get_trials(deepcopy=False, states=(WAITING,)):
+                study.optimize(obj, callbacks=[tick, stop_when_queue_empty], catch=(QueueEmpty,))
+                deadline = None
+                continue
+            if not study.get_trials(deepcopy=False, states=(RUNNING,)):
+                break
+            # running trials: another worker's, or a dead one's that turns stale after the grace period
+            deadline = deadline or time.time() + 3 * heartbeat + 10
+            if time.time() > deadline:
+                break
+            time.sleep(min(heartbeat, 5))
+    for p in procs:
+        p.wait()
+    return study
+
+
+# ---- reading a study ------------------------------------------------------------------------------
+def pareto_front(storage: str, study_name: str) -> list[dict]:
+    """The feasible Pareto front, fewest bytes first: one dict per trial with its evaluation fields."""
+    study = load_study(storage, study_name)
+    pts = []
+    for t in study.best_trials:
+        a = t.user_attrs
+        pts.append({"trial": t.number, "kl_mean": t.values[0], "bytes": int(t.values[1]),
+                    **{k: a.get(k) for k in ("kl_p99", "kl_max", "top1", "ppl", "ppl_ref", "ppl_ratio", "bytes_total", "bpw")},
+                    "warm_start": a.get("warm_start"), "trained": bool(a.get("trained_units"))})
+    return sorted(pts, key=lambda p: p["bytes"])
+
+
+def pick(storage: str, study_name: str, budget: str | Budget) -> tuple[Plan, dict, dict]:
+    """The front's lowest-KL plan within ``budget``: (plan, its point, its trained weights or {})."""
+    study = load_study(storage, study_name)
+    info = study.user_attrs.get("aqsearch", {})
+    limit = Budget.parse(budget).resolve(info.get("weights", 1))
+    front = pareto_front(storage, study_name)
+    if not front:
+        raise AqError(f"study {study_name!r} has no finished feasible trial yet")
+    fits = [p for p in front if p["bytes"] <= limit]
+    if not fits:
+        raise AqError(f"budget {format_bytes(limit)} ({limit:,} B) is below the smallest plan on the front: "
+                      f"{format_bytes(front[0]['bytes'])} ({front[0]['bytes']:,} B, trial {front[0]['trial']})")
+    best = min(fits, key=lambda p: p["kl_mean"])
+    t = study.trials[best["trial"]]
+    plan = Plan.from_layers(json.loads(t.user_attrs["plan"]))
+    tensors = {}
+    if t.user_attrs.get("trained_units"):
+        from pathlib import Path
+
+        from aqsearch.weights import load_qtensors
+
+        folder = Path(study.user_attrs["unit_cache"])
+        for name, c in t.user_attrs["trained_units"]:
+            tensors.update(load_qtensors(folder / f"{name}.{c}.safetensors"))
+    return plan, best, tensors
+
+
+def hypervolume(points: list[tuple[float, float]], limit: int, kl_ref: float = 10.0) -> float:
+    """Area dominated by ``(kl, bytes)`` points in the plane (log10 KL, bytes / limit), up to the
+    reference (log10 kl_ref, 1). Infeasible points and points worse than ``kl_ref`` add nothing."""
+    pts = sorted((b / limit, math.log10(max(k, 1e-12))) for k, b in points if b <= limit and k < kl_ref)
+    ref_y, area, best_y = math.log10(kl_ref), 0.0, math.log10(kl_ref)
+    xs = [p[0] for p in pts] + [1.0]
+    for (x, y), x_next in zip(pts, xs[1:]):
+        best_y = min(best_y, y)
+        area += (x_next - x) * (ref_y - best_y)
+    return area
+
+
+def hypervolume_history(storage: str, study_name: str) -> list[float]:
+    study = load_study(storage, study_name)
+    limit = study.user_attrs["aqsearch"]["budget_bytes"]
+    out, pts = [], []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            pts.append((t.values[0], t.values[1]))
+        if t.state in FINISHED:
+            out.append(hypervolume(pts, limit))
+    return out
+
+
+def plot_front(storage: str, study_name: str, path: str) -> None:
+    """Front (and every trial, faint) as KL against MiB, warm starts labelled; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aqsearch.io import atomic_path
+
+    study = load_study(storage, study_name)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    front = pareto_front(storage, study_name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([t.values[1] / 2**20 for t in done], [t.values[0] for t in done], s=8, c="0.75", label="trials")
+    ax.plot([p["bytes"] / 2**20 for p in front], [p["kl_mean"] for p in front], "o-", c="C0", ms=4, label="Pareto front")
+    for t in done:
+        w = t.user_attrs.get("warm_start", "")
+        if w.startswith(("uniform", "plan")):
+            ax.annotate(w.split()[-1], (t.values[1] / 2**20, t.values[0]), fontsize=6, color="C3")
+    limit = study.user_attrs.get("aqsearch", {}).get("budget_bytes")
+    if limit:
+        ax.axvline(limit / 2**20, ls="--", c="C3", lw=0.8, label="budget")
+    ax.set_xlabel("bytes of the governed layers (MiB)")
+    ax.set_ylabel("held-out KL (nats/token)")
+    ax.set_yscale("log")
+    ax.set_title(f"study {study_name}: {len(done)} trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    plt.close(fig)
+

@@ -1,0 +1,156 @@
+"""The Optuna study on a tiny model: space, front, pick, reproducibility, crash and resume, workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from aqsearch.cli import main
+from aqsearch.memory import plan_bytes
+from aqsearch.models import load_model
+from aqsearch.search import hypervolume, load_study, pareto_front
+from aqsearch.space import FULL, build_space
+from conftest import tiny_model
+
+BASE = ["--eval-tokens", "64", "--seqlen", "32", "--calib-samples", "4", "--calib-seqlen", "32", "--budget", "6bpw"]
+
+
+def search_argv(tiny_dir, storage, study, trials, *extra):
+    return ["search", "--model", str(tiny_dir), "--storage", storage, "--study", study, "--trials", str(trials),
+            *BASE, *extra]
+
+
+def test_space_bytes_are_exact():
+    import random
+
+    m = tiny_model()
+    for gran, emb in (("layer", False), ("block", False), ("layer", True)):
+        sp = build_space(m, gran, embeddings=emb)
+        rnd = random.Random(0)
+        for _ in range(5):
+            params = {u.name: rnd.choice(u.choices) for u in sp.units}
+            assert sp.bytes(params) == plan_bytes(m, sp.plan(params), list(sp.layers)).bytes
+    assert len(build_space(m, "block").units) == 2 and len(build_space(m, "layer", tie=False).units) == 14
+    emb = build_space(m, "layer", embeddings=True).units[0]
+    assert emb.name == "model.embed_tokens" and FULL in emb.choices
+
+
+def test_hypervolume_hand_computed():
+    # limit 100: points (kl=1, 50 B) and (kl=0.1, 100 B); reference (log10 10 = 1, x = 1)
+    # area = (1.0 - 0.5) * (1 - 0) + 0 (second point at x=1 adds a zero-width strip)
+    assert hypervolume([(1.0, 50), (0.1, 100)], 100) == pytest.approx(0.5)
+    assert hypervolume([(1.0, 50), (0.1, 75)], 100) == pytest.approx(0.25 * 1 + 0.25 * 2)
+    assert hypervolume([(1.0, 150)], 100) == 0.0
+
+
+@pytest.fixture(scope="module")
+def study(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    url = f"sqlite:///{d}/s.db"
+    assert main(search_argv(tiny_dir, url, "s", 14, "--json")) == 0
+    return url, d
+
+
+def test_front_is_non_dominated_and_warm_started(study, capsys):
+    url, d = study
+    assert main(["front", "--storage", url, "--study", "s", "--plot", str(d / "front.png"), "--json"]) == 0
+    pts = json.loads(capsys.readouterr().out)["points"]
+    assert pts and (d / "front.png").stat().st_size > 1000
+    for a in pts:
+        assert not any(b["bytes"] <= a["bytes"] and b["kl_mean"] < a["kl_mean"] for b in pts if b is not a)
+    st = load_study(url, "s")
+    finished = st.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 14
+    assert any(t.user_attrs.get("warm_start", "").startswith("uniform") for t in finished)
+    t = finished[0]
+    assert {"kl_p99", "top1", "ppl_ratio", "plan"} <= set(t.user_attrs) and t.system_attrs["constraints"]
+
+
+def test_pick_by_budget(study, tmp_path, capsys):
+    url, _ = study
+    front = pareto_front(url, "s")
+    mid = front[len(front) // 2]
+    out = tmp_path / "p.json"
+    assert main(["pick", "--storage", url, "--study", "s", "--budget", str(mid["bytes"]), "--out", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["bytes"] <= mid["bytes"]
+    assert got["kl_mean"] == min(p["kl_mean"] for p in front if p["bytes"] <= mid["bytes"])
+    assert json.loads(out.read_text())["version"] == 1
+    assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "below the smallest plan on the front" in err[0]
+
+
+def test_same_seed_same_front(tiny_dir, tmp_path):
+    fronts = []
+    for k in range(2):
+        url = f"sqlite:///{tmp_path}/r{k}.db"
+        assert main(search_argv(tiny_dir, url, "r", 12, "--seed", "3")) == 0
+        fronts.append([(p["trial"], p["bytes"], round(p["kl_mean"], 10)) for p in pareto_front(url, "r")])
+    assert fronts[0] == fronts[1]
+
+
+def test_budget_below_smallest_model(tiny_dir, tmp_path, capsys):
+    argv = search_argv(tiny_dir, f"sqlite:///{tmp_path}/b.db", "b", 3)
+    argv[argv.index("6bpw")] = "1KiB"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "below the smallest model this space allows" in err[0]
+
+
+def test_kill_9_then_restart_completes(tiny_dir, tmp_path):
+    url = f"sqlite:///{tmp_path}/k.db"
+    argv = search_argv(tiny_dir, url, "k", 16, "--heartbeat", "1")
+    env = dict(os.environ)
+    p = subprocess.Popen([sys.executable, "-m", "aqsearch", *argv], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    done = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            done = load_study(url, "k").get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        except Exception:
+            continue
+        if len(done) >= 4:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = {t.number: t.values for t in load_study(url, "k").get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert 4 <= len(before) < 16
+    time.sleep(2.5)  # past the grace period: the killed trial's heartbeat is stale
+    assert main(argv) == 0
+    st = load_study(url, "k")
+    after = {t.number: t.values for t in st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert all(after[n] == v for n, v in before.items())  # no finished trial lost
+    finished = st.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 16
+    assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+def test_two_workers_on_postgresql(tiny_dir, postgres_url):
+    argv = search_argv(tiny_dir, postgres_url, "pg", 20, "--workers", "2", "--heartbeat", "5")
+    assert main(argv) == 0
+    st = load_study(postgres_url, "pg")
+    finished = st.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 20
+    assert len({t.number for t in finished}) == 20
+    assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+def test_training_trials_record_their_compute(tiny_dir, tmp_path):
+    url = f"sqlite:///{tmp_path}/t.db"
+    assert main(search_argv(tiny_dir, url, "t", 8, "--train", "--steps", "10")) == 0
+    st = load_study(url, "t")
+    trained = [t for t in st.trials if "train_steps" in t.user_attrs]
+    assert trained and all(t.user_attrs["train_steps"] <= t.user_attrs["train_steps_full"] for t in trained)
+    complete = [t for t in trained if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs.get("trained_units") for t in complete)
+    for t in st.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert "predicted_kl_optimistic" in t.user_attrs and "pruned_because" in t.user_attrs
