@@ -109,7 +109,8 @@ class CurveRegressor:
         l0 = curve.initial
         preds = {q: l0 * math.exp(float(m.predict(x)[0])) for q, m in self.models.items()}
         lo, mid, hi = sorted(preds.values())  # quantile models are fitted separately: keep them ordered
-        seen = min(p["heldout"] for p in curve.points)  # the final is the best checkpoint: never above this
+        # the final is the best checkpoint, so never above the best seen so far (in the prefix only)
+        seen = min(p["heldout"] for p in curve.points if p["step"] <= prefix_steps)
         return {QUANTILES[0]: min(lo, seen), QUANTILES[1]: min(mid, seen), QUANTILES[2]: min(hi, seen)}
 
     def fingerprint(self) -> str:

@@ -272,14 +272,29 @@ class Engine:
             self.log_try(i, "revert", state, self.measure(i, state, self.trained_of(trained_ref)), "revert",
                          f"w{bits} failed every remedy; back to the last passing state")
             break
-        # one step lower, measured, so that a rebalance knows what lowering this block would cost
-        lower = [b for b in s.ladder if all(state[u] is None or QuantScheme.parse(state[u]).bits > b for u in UNITS)]
-        if lower:
-            c = dict.fromkeys(UNITS, str(QuantScheme(lower[0], s.group)))
-            if _cfg_key(c) not in self.menu:
-                self.log_try(i, "lookahead", c, self.measure(i, c), "measured")
+        self.lookahead(i, state)
         accepted = self.menu.get(_cfg_key(state))
         return {"config": state, "trained": trained_ref, "delta": accepted["delta"] if accepted else 0.0}
+
+    def lookahead(self, i: int, state: Config) -> None:
+        """Measure the neighbours of the accepted state that a rebalance may move to: one ladder step
+        lower, and the same bits with half and with twice the group size (finer groups are often the
+        cheapest error to buy back with bytes left over)."""
+        s, cands = self.s, []
+        lower = [b for b in s.ladder if all(state[u] is None or QuantScheme.parse(state[u]).bits > b for u in UNITS)]
+        if lower:
+            cands.append(dict.fromkeys(UNITS, str(QuantScheme(lower[0], s.group))))
+        for factor in (0.5, 2.0):
+            c = {}
+            for u in UNITS:
+                q = None if state[u] is None else QuantScheme.parse(state[u])
+                g = None if q is None or q.group is None else int(q.group * factor)
+                c[u] = state[u] if g not in s.groups else str(QuantScheme(q.bits, g, q.sym))
+            if c != state:
+                cands.append(c)
+        for c in cands:
+            if _cfg_key(c) not in self.menu:
+                self.log_try(i, "lookahead", c, self.measure(i, c), "measured")
 
     # ---- the whole run -----------------------------------------------------------------------
     def header(self) -> dict:

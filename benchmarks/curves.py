@@ -39,8 +39,8 @@ def collect(args) -> None:
     from aqsearch.quantizers import fake_quantize
     from aqsearch.training import TrainSettings, rel_error, train_block
 
-    loaded = load_model("smollm2-135m", device=args.device)
-    calib, _ = calib_eval_sets(loaded, str(DATA / "wikitext-2-valid.tokens.txt"), str(DATA / "wikitext-2-raw-test.txt"),
+    loaded = load_model(args.model, device=args.device)
+    calib, _ = calib_eval_sets(loaded, str(Path(args.data_dir) / "wikitext-2-valid.tokens.txt"), str(Path(args.data_dir) / "wikitext-2-raw-test.txt"),
                                calib_windows=args.windows, calib_seqlen=args.seqlen, eval_tokens=args.seqlen,
                                seqlen=args.seqlen)
     acts = Activations.capture(loaded.model, calib.windows, batch=args.batch)
@@ -61,7 +61,7 @@ def collect(args) -> None:
             ts = TrainSettings(steps=args.steps, batch=args.batch, seed=args.seed)
             _, curve = train_block(blk, schemes, acts, y, train, held, ts, floor=floor, tag=f"collect {cfg}")
             rec = {**curve.to_json(), "settings": {"windows": n, "seqlen": args.seqlen, "device": args.device}}
-            with open(CURVES, "a") as f:
+            with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"block {i:2d} {cfg:7s} initial {curve.initial:.4g} best {curve.best:.4g} "
                   f"({curve.best / curve.initial:.2f}) {curve.seconds:.0f}s", file=sys.stderr, flush=True)
@@ -106,7 +106,7 @@ def evaluate(args) -> None:
     curves = [c for c in load_curves(CURVES) if complete(c)]
     blocks = sorted({c.block for c in curves})
     folds = [blocks[k :: args.folds] for k in range(args.folds)]
-    rel, rel_pl, rel_last, cover = [], [], [], []
+    rel, rel_pl, rel_last, cover, by_steps = [], [], [], [], {}
     for test_blocks in folds:
         train = [c for c in curves if c.block not in test_blocks]
         test = [c for c in curves if c.block in test_blocks]
@@ -116,6 +116,7 @@ def evaluate(args) -> None:
             pred = reg.predict(c, pre)
             mid = pred[0.5]
             rel.append(abs(mid - c.best) / c.best)
+            by_steps.setdefault(c.steps, []).append(rel[-1])
             cover.append(pred[0.1] <= c.best <= pred[0.9])
             rel_pl.append(abs(_powerlaw(c, pre) - c.best) / c.best)
             seen = min(p["heldout"] for p in c.points if p["step"] <= pre)
@@ -125,7 +126,7 @@ def evaluate(args) -> None:
            "interval_80_coverage": float(np.mean(cover)),
            "powerlaw_median_rel_error": float(np.median(rel_pl)),
            "last_seen_median_rel_error": float(np.median(rel_last)),
-           "steps": sorted({c.steps for c in curves})}
+           "by_steps": {str(k): {"curves": len(v), "median_rel_error": float(np.median(v))} for k, v in by_steps.items()}}
     append_result(HERE / "results" / "regressor.jsonl", out)
     print(json.dumps(out, indent=1))
 
@@ -150,6 +151,9 @@ def main() -> None:
     c.add_argument("--per-block", type=int, default=2)
     c.add_argument("--upstream", default="w4g128", help="scheme of the blocks before, round-to-nearest")
     c.add_argument("--device", default="cpu")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--data-dir", default=str(DATA))
+    c.add_argument("--out", default=str(CURVES))
     c.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("evaluate")
     e.add_argument("--folds", type=int, default=5)

@@ -43,7 +43,7 @@ OUT = HERE / "results" / "progressive.jsonl"
 def setup(args):
     loaded = load_model(args.model, device=args.device)
     n_tok = None if args.eval_tokens == "all" else int(args.eval_tokens)
-    calib, ev = calib_eval_sets(loaded, str(DATA / "wikitext-2-valid.tokens.txt"), str(DATA / "wikitext-2-raw-test.txt"),
+    calib, ev = calib_eval_sets(loaded, str(Path(args.data_dir) / "wikitext-2-valid.tokens.txt"), str(Path(args.data_dir) / "wikitext-2-raw-test.txt"),
                                 calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen, eval_tokens=n_tok,
                                 seqlen=args.seqlen)
     bs = 8 if args.device.startswith("cuda") else 1
@@ -58,7 +58,7 @@ def settings_of(args, calib, ev) -> dict:
 
 def job_plan(args, loaded, calib, ev, bs):
     tag = f"{args.budget}-{'es' if not args.no_early_stop else 'full'}-{args.tag}"
-    jpath = HERE / "results" / "journals" / f"progressive-{tag}.jsonl"
+    jpath = Path(args.journal_dir) / f"progressive-{tag}.jsonl"
     if jpath.exists() and not args.resume:
         jpath.unlink()
     s = Settings(calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen, steps=args.steps,
@@ -87,8 +87,8 @@ def job_uniform(args, loaded, calib, ev, bs):
 def job_trained(args, loaded, calib, ev, bs):
     plan = Plan.uniform(QuantScheme.parse(args.scheme))
     ts = TrainSettings(steps=args.steps, batch=8)
-    jpath = HERE / "results" / "journals" / f"trained-{args.scheme}-{args.tag}.jsonl"
-    if jpath.exists():
+    jpath = Path(args.journal_dir) / f"trained-{args.scheme}-{args.tag}.jsonl"
+    if jpath.exists() and not args.resume:
         jpath.unlink()
     trained, st = polish(loaded.model, plan, calib, ts, regressor=None, journal=Journal(jpath),
                          desc=f"training uniform {args.scheme}")
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--gate", default="mse=0.005")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=str(DATA), help="folder with the WikiText-2 files")
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=256)
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep an existing journal (resume it)")
     ap.add_argument("--top", type=int, default=6, help="uniform: evaluate the N largest schemes that fit")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--journal-dir", default=str(HERE / "results" / "journals"))
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: numbers comparable with the CPU
@@ -123,7 +126,7 @@ def main() -> None:
     loaded, calib, ev, bs = setup(args)
     rec = {"plan": job_plan, "uniform": job_uniform, "trained": job_trained}[args.job](args, loaded, calib, ev, bs)
     rec.update(settings_of(args, calib, ev), seconds=time.time() - t0, tag=args.tag)
-    append_result(OUT, rec)
+    append_result(args.out, rec)
     print({k: rec[k] for k in ("job", "kl_mean", "bytes", "bpw", "seconds") if k in rec}, file=sys.stderr)
 
 

@@ -1,0 +1,149 @@
+"""Launchers for the Triton kernels with an explicit config, and the split-K workspace.
+
+Each launcher takes plain tensors and ints (``x [M, K]`` with unit stride along K, ``qweight``
+int32 ``(words, N)``, ``scales``/``zeros`` fp16 ``(G, N)``, ``zeros=None`` for symmetric) and a
+config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` they run on CPU tensors.
+
+A config is a dict, JSON-friendly so the tuner can cache it:
+``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}``,
+``{"path": "gemm", "BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 1}``,
+``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4}`` (then cuBLAS).
+
+>>> import torch
+>>> from aqsearch.kernels import pack, reference
+>>> qw = pack(torch.randint(0, 16, (64, 128), dtype=torch.uint8), 4).cuda()   # doctest: +SKIP
+>>> s, z = torch.rand(1, 64).half().cuda() / 100, torch.full((1, 64), 8.0).half().cuda()  # doctest: +SKIP
+>>> y = gemv(torch.randn(1, 128).half().cuda(), qw, s, z, 4, 128, 128, {"BN": 64, "BKS": 64})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _gemm, _gemv
+from .packing import effective_group
+
+ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
+_WORKSPACE: dict = {}  # (device, stream) -> [fp32 partials, int32 counters]: reused across launches
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _workspace(device: torch.device, n_partial: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scratch of >= ``n_partial`` elements and >= ``n_locks`` zeroed counters for this stream.
+
+    The kernel's last K-slice resets its counter, so counters stay zero between launches. Grown
+    only outside CUDA-graph capture (warm up once before capturing).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, locks = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n_partial or locks.numel() < n_locks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("aqsearch.kernels: split-K workspace must grow; run once before CUDA-graph capture")
+        n_partial = max(n_partial, 0 if ws is None else ws.numel(), 1)
+        n_locks = max(n_locks, 0 if locks is None else locks.numel(), 1)
+        ws = torch.empty(n_partial, dtype=torch.float32, device=device)
+        locks = torch.zeros(n_locks, dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, locks)
+    return ws, locks
+
+
+def _split(k: int, step: int, split: int) -> tuple[int, int]:
+    """K per slice (a multiple of ``step``) and the number of slices that covers K."""
+    per = -(-k // max(1, split))
+    per = -(-per // step) * step
+    return per, -(-k // per)
+
+
+def _common(x, qweight, bits, k, out):
+    m, kx = x.shape
+    if kx != k or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, {k}] with unit stride along K, got {tuple(x.shape)} strides {x.stride()}")
+    n = qweight.shape[1]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    n_lo = -(-k // 16) if bits == 3 else 0
+    return m, n, n_lo, out
+
+
+def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
+    """``x[M, K] @ W -> [M, N]`` with the split-K CUDA-core kernel (M <= 8 sensible)."""
+    m, n, n_lo, out = _common(x, qweight, bits, k, out)
+    g = effective_group(group, k)
+    bks = min(cfg["BKS"], g)
+    per, n_split = _split(k, bks, cfg.get("split", 1))
+    bn = cfg["BN"]
+    grid = (triton_cdiv(n, bn), n_split)
+    ws, locks = _workspace(x.device, n_split * m * n if n_split > 1 else 1, grid[0])
+    if m > 4:
+        raise ValueError(f"the GEMV kernel takes M <= 4 rows, got {m}")
+    _gemv.gemv_kernel[grid](
+        x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
+        m, n, k, n_lo, ONES, x.stride(0), out.stride(0), per, n_split,
+        BITS=bits, GROUP=g, SYM=zeros is None, BM=_next_pow2(m), BN=bn, BKS=bks, USE_WS=n_split > 1,
+        EVEN_K=k % bks == 0, EVEN_N=n % bn == 0, PREFETCH=bool(cfg.get("prefetch", False)),
+        num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
+    )
+    return out
+
+
+def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
+    """``x[M, K] @ W -> [M, N]`` with the fused dequantize + ``tl.dot`` kernel (fp32 accumulation)."""
+    m, n, n_lo, out = _common(x, qweight, bits, k, out)
+    g = effective_group(group, k)
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    per, n_split = _split(k, bk, cfg.get("split", 1))
+    n_tiles = triton_cdiv(m, bm) * triton_cdiv(n, bn)
+    ws, locks = _workspace(x.device, n_split * m * n if n_split > 1 else 1, n_tiles)
+    dot_f32 = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    _gemm.gemm_kernel[(n_tiles, n_split)](
+        x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
+        m, n, k, n_lo, ONES, x.stride(0), out.stride(0), per, n_split,
+        BITS=bits, GROUP=g, SYM=zeros is None, BM=bm, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 8),
+        USE_WS=n_split > 1, DOT_F32=dot_f32 or x.dtype == torch.float32, SLOTS=bool(cfg.get("slots", False)),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )
+    return out
+
+
+def dequant(qweight, scales, zeros, bits, group, k, dtype, cfg, out=None):
+    """Weight ``[K, N]`` (N contiguous) in ``dtype``: the input of dequantize-then-cuBLAS."""
+    n = qweight.shape[1]
+    g = effective_group(group, k)
+    bks = min(cfg.get("BKS", 64), g)
+    bn = cfg.get("BN", 256)
+    if out is None:
+        out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    n_lo = -(-k // 16) if bits == 3 else 0
+    _gemm.dequant_kernel[(triton_cdiv(n, bn), triton_cdiv(k, bks))](
+        qweight, scales, scales if zeros is None else zeros, out, n, k, n_lo, ONES,
+        BITS=bits, GROUP=g, SYM=zeros is None, BN=bn, BKS=bks, num_warps=cfg.get("num_warps", 4),
+    )
+    return out
+
+
+def dequant_matmul(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
+    """Dequantize to ``x.dtype`` then one cuBLAS matmul: wins when M is large (compute-bound)."""
+    w = dequant(qweight, scales, zeros, bits, group, k, x.dtype, cfg)
+    if out is None:
+        return x @ w
+    return torch.matmul(x, w, out=out)
+
+
+def run(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
+    """Launch whichever path ``cfg["path"]`` names."""
+    fn = {"gemv": gemv, "gemm": gemm, "dequant": dequant_matmul}[cfg["path"]]
+    return fn(x, qweight, scales, zeros, bits, group, k, cfg, out=out)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
