@@ -6,7 +6,8 @@ TORCH ?= torch==2.13.0
 # Extra arguments for the main job, e.g. make run ARGS="--budget 3.5bpw".
 ARGS  ?=
 
-.PHONY: run test setup bench-uniform report clean
+.PHONY: run test setup sysdeps bench-uniform report clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +21,13 @@ setup: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/aqsearch run --model smollm2-135m $(ARGS)
 
-test: $(VENV)/.installed
+# Debian packages the tests use: PostgreSQL (a study with two workers) and Chromium (optuna-dashboard
+# opened in a browser). Installed only when missing.
+sysdeps:
+	@if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium postgresql; fi
+
+test: $(VENV)/.installed sysdeps
 	$(PY) -m pytest -q
 
 bench-uniform: $(VENV)/.installed

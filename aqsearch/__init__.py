@@ -29,6 +29,13 @@ _LAZY = {
     "quantize": "aqsearch.quantizers",
     "dequantize": "aqsearch.quantizers",
     "fake_quantize": "aqsearch.quantizers",
+    "Engine": "aqsearch.progressive",
+    "run_study": "aqsearch.search",
+    "pareto_front": "aqsearch.search",
+    "pick": "aqsearch.search",
+    "QuantLinear": "aqsearch.quantlinear",
+    "materialize": "aqsearch.materialize",
+    "generate": "aqsearch.materialize",
 }
 
 __all__ = ["AqError", "Budget", "Gate", "Plan", "QuantScheme", *_LAZY]

@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", help="plan JSON file")
     _add_data(p)
 
-    p = sub.add_parser("run", help="the main job on a model: uniform schemes now, the full search later")
+    p = sub.add_parser("run", help="the main job: search, front, pick by budget, evaluate (small settings)")
+    _add_model(p)
+    _add_data(p, eval_tokens=2048, seqlen=256)
+    p.add_argument("--budget", default="4.5bpw", help="memory budget: bytes, 70MiB, 1.5GiB or 3.5bpw")
+    p.add_argument("--trials", type=_positive_int, default=24)
+    p.add_argument("--workdir", default="aqsearch-run", help="folder for the study, the plot and the plan")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("uniform", help="evaluate several uniform schemes, marking those within a budget")
     _add_model(p)
     _add_data(p, eval_tokens=2048, seqlen=256)
     p.add_argument("--schemes", default="w8g128,w4g64,w4g128,w3g64,w2g64", help="comma-separated schemes")
@@ -119,6 +127,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from aqsearch.config import Budget
+    from aqsearch.job import run_job
+    from aqsearch.models import load_model
+
+    Budget.parse(args.budget)
+    for f in (args.calib_data, args.eval_data):
+        if f is not None and not f.startswith("hf:") and not os.path.isfile(f):
+            raise AqError(f"data file not found: {f}")
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device)
+    res = run_job(loaded, args.budget, args.workdir, args.trials, args.calib_data, args.eval_data, args.eval_tokens,
+                  args.seqlen, device, args.seed)
+    from aqsearch.cli_search import _table
+
+    rows = [{"name": f"picked (trial {res['picked_trial']})", **res["picked"]}]
+    if res["uniform"]:
+        rows.append({"name": f"uniform {res['uniform']['scheme']}", **res["uniform"]})
+    text = (f"Pareto front of {res['study']} ({res['storage']}):\n{_table(res['front'])}\n\n"
+            f"held-out evaluation ({res['eval_data']['source']}), budget {res['budget_bytes']:,} B:\n{format_table(rows)}\n"
+            f"plan: {res['plan']}   plot: {res['plot']}")
+    _emit(args, res, text)
+    return 0
+
+
+def cmd_uniform(args) -> int:
     from aqsearch.config import Plan, QuantScheme
     from aqsearch.quality import evaluate
 
@@ -155,7 +188,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"eval": cmd_eval, "run": cmd_run}
+COMMANDS = {"eval": cmd_eval, "run": cmd_run, "uniform": cmd_uniform}
 # Modules that add their own subcommands: each has ``register(sub) -> {name: handler}`` and keeps
 # its heavy imports inside the handlers.
 PLUGINS = ("aqsearch.cli_progressive", "aqsearch.cli_search", "aqsearch.materialize")

@@ -188,11 +188,13 @@ def calib_eval_sets(
     eval_tokens: int | None = 4096,
     seqlen: int = 512,
     split: float | None = None,
+    eval_seed: int = 1,
 ) -> tuple[TokenSet | None, TokenSet]:
     """Calibration and evaluation windows; refuses the same text for both unless ``split`` is given.
 
     ``eval_tokens=None`` takes every whole window of the evaluation text. With ``split`` and the same
-    text on both sides, the first ``split`` of its tokens calibrates and the rest evaluates.
+    text on both sides, the first ``split`` of its tokens calibrates and the rest evaluates. Model
+    samples use seed 0 for calibration and ``eval_seed`` for evaluation.
     """
     if eval_tokens is not None and eval_tokens < seqlen:
         raise AqError(f"eval-tokens ({eval_tokens}) must be at least one window of seqlen {seqlen}")
@@ -200,10 +202,10 @@ def calib_eval_sets(
         raise AqError("evaluating on all tokens needs evaluation data (a file or a dataset)")
     if split is not None and not 0 < split < 1:
         raise AqError(f"split must be between 0 and 1, got {split}")
-    same = source_identity(calib, 0) == source_identity(evaluation, 1)
+    same = source_identity(calib, 0) == source_identity(evaluation, eval_seed)
     if same and split is None:
         raise AqError("calibration and evaluation data are the same text; pass a split to divide it")
-    e_ids, e_desc = source_ids(evaluation, loaded, (eval_tokens or 0) // seqlen * seqlen, seqlen, seed=1)
+    e_ids, e_desc = source_ids(evaluation, loaded, (eval_tokens or 0) // seqlen * seqlen, seqlen, seed=eval_seed)
     if same:
         cut = int(e_ids.numel() * split)
         c_ids, e_ids = e_ids[:cut], e_ids[cut:]

@@ -53,17 +53,27 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def materialize(model: nn.Module, plan: Plan, dtype: torch.dtype = torch.float16) -> dict[str, QuantScheme | None]:
+def materialize(model: nn.Module, plan: Plan, dtype: torch.dtype = torch.float16,
+                qtensors: dict | None = None) -> dict[str, QuantScheme | None]:
     """Replace each governed ``nn.Linear`` (the decoder Linears) that ``plan`` quantizes by a
-    ``QuantLinear`` (round-to-nearest with the reference quantizer, from the current weights in
-    fp32), then cast the rest of the model to ``dtype``. In place; returns the resolved plan."""
+    ``QuantLinear``: from ``qtensors[name]`` (trained codes, scales and zeros) where given with the
+    plan's scheme, else round-to-nearest with the reference quantizer from the current weights in
+    fp32. Then cast the rest of the model to ``dtype``. In place; returns the resolved plan."""
     resolved: dict[str, QuantScheme | None] = {}
+    qtensors = qtensors or {}
     with torch.no_grad():
         for layer in decoder_layers(model):
             scheme = plan.scheme_for(layer.name)
             resolved[layer.name] = scheme
-            if scheme is not None:
-                _set_module(model, layer.name, QuantLinear.from_linear(model.get_submodule(layer.name), scheme, dtype))
+            if scheme is None:
+                continue
+            lin = model.get_submodule(layer.name)
+            qt = qtensors.get(layer.name)
+            if qt is not None and qt.scheme == scheme:
+                q = QuantLinear.from_qtensor(qt, None if lin.bias is None else lin.bias.detach(), dtype)
+            else:
+                q = QuantLinear.from_linear(lin, scheme, dtype)
+            _set_module(model, layer.name, q.to(lin.weight.device))
     model.to(dtype)
     return resolved
 
@@ -231,12 +241,14 @@ def cmd_materialize(args) -> int:
     from aqsearch.cli import _emit, resolve_device
     from aqsearch.models import load_model
 
-    plan = Plan.uniform(args.scheme) if args.scheme else Plan.load(args.plan)
+    from aqsearch.weights import load_plan_tensors
+
+    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme else load_plan_tensors(args.plan)
     device = resolve_device(args.device)
     t0 = time.time()
     loaded = load_model(args.model, device=device)
-    _log(f"quantizing the decoder Linears of {args.model}")
-    materialize(loaded.model, plan)
+    _log(f"quantizing the decoder Linears of {args.model}" + (f" ({len(trained)} trained)" if trained else ""))
+    materialize(loaded.model, plan, qtensors=trained)
     meta = save(loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=args.model)
     n_q = sum(1 for v in meta["layers"].values() if v["scheme"])
     obj = {"out": str(args.out), "model": args.model, "scheme": args.scheme, "plan": args.plan,

@@ -331,6 +331,7 @@ class Engine:
                 self.acts.advance(blk, self._weights(i, rec["config"], self.trained_of(rec["trained"])), y_fp=self.y_fp)
                 bar.update(1)
                 bar.set_postfix_str(f"{format_bytes(self.plan_bytes())} / {format_bytes(self.limit)}")
+        self.activation_bytes = self.acts.report()
         del self.acts, self.y_fp
         return self.finish()
 
@@ -383,7 +384,8 @@ class Engine:
         result = {"plan": plan.to_json(), "bytes": total, "bpw": 8 * total / self.n_weights,
                   "budget_bytes": self.limit, "meets_budget": total <= self.limit,
                   "train_steps": self.steps_run, "train_steps_without_early_stop": self.steps_full,
-                  "tries": self.tries, "seconds": time.time() - self.t0, **peak_memory(self.model)}
+                  "tries": self.tries, "seconds": time.time() - self.t0, "activation_bytes": self.activation_bytes,
+                  **peak_memory(self.model)}
         if self.evalset is not None:
             from aqsearch.quality import build_reference, evaluate
 

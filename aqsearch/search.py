@@ -81,7 +81,7 @@ def make_storage(url: str, heartbeat: int = 30):
     try:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     except Exception as e:
         raise AqError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
@@ -223,9 +223,7 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     study = optuna.create_study(storage=st, sampler=make_sampler(settings), study_name=study_name,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     if not worker:
-        import optuna_dashboard
-
-        optuna_dashboard.set_objective_names(study, METRICS)
+        study.set_metric_names(METRICS)  # the names optuna-dashboard shows
         study.set_user_attr("aqsearch", {"model": loaded.name, "fingerprint": loaded.fingerprint,
                                          "budget_bytes": limit, "weights": space.weights,
                                          "settings": asdict(settings), "units": len(space.units)})
@@ -237,11 +235,10 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
             env = dict(os.environ, AQSEARCH_WORKER=str(k))
             procs.append(subprocess.Popen([sys.executable, "-m", "aqsearch", *(argv or []), "--worker"], env=env))
     # the same split of the calibration text for every worker: the first part trains, the rest scores
-    cal, ev = calib_eval_sets(loaded, calib, calib, calib_windows=settings.calib_windows,
-                              calib_seqlen=settings.calib_seqlen, eval_tokens=settings.eval_tokens,
-                              seqlen=settings.seqlen, split=0.5) if calib else calib_eval_sets(
-        loaded, None, None, calib_windows=settings.calib_windows, calib_seqlen=settings.calib_seqlen,
-        eval_tokens=settings.eval_tokens, seqlen=settings.seqlen)
+    n_cal = settings.calib_windows if settings.train else 0  # windows to train units on
+    cal, ev = calib_eval_sets(loaded, calib, calib, calib_windows=n_cal, calib_seqlen=settings.calib_seqlen,
+                              eval_tokens=settings.eval_tokens, seqlen=settings.seqlen,
+                              split=0.5 if calib else None)
     batch = 8 if device.startswith("cuda") else 1
     ref = build_reference(loaded.model, ev, batch_size=batch, cache_key=loaded.fingerprint)
     trainer = None
@@ -285,6 +282,10 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     for p in procs:
         p.wait()
     return study
+
+
+def study_names(storage: str) -> list[str]:
+    return optuna.get_all_study_names(make_storage(storage))
 
 
 # ---- reading a study ------------------------------------------------------------------------------

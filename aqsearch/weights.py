@@ -73,11 +73,14 @@ def trained_weight_fn(tensors: dict[str, QTensor]) -> WeightFn:
     return fn
 
 
+def load_plan_tensors(path: str | Path) -> tuple[Plan, dict[str, QTensor]]:
+    """A plan file and its trained tensors (empty when it names no weights file)."""
+    plan = Plan.load(str(path))
+    w = json.loads(Path(path).read_text()).get("weights")
+    return plan, (load_qtensors(Path(path).parent / w["file"], w.get("sha256")) if w else {})
+
+
 def load_plan(path: str | Path) -> tuple[Plan, WeightFn]:
     """A plan file and the weights it uses (its trained weights file, if it names one)."""
-    plan = Plan.load(str(path))
-    obj = json.loads(Path(path).read_text())
-    w = obj.get("weights")
-    if not w:
-        return plan, rtn_weight
-    return plan, trained_weight_fn(load_qtensors(Path(path).parent / w["file"], w.get("sha256")))
+    plan, tensors = load_plan_tensors(path)
+    return plan, (trained_weight_fn(tensors) if tensors else rtn_weight)

@@ -37,7 +37,101 @@ def uniform_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"uniform": uniform_table}
+def progressive_table() -> str:
+    recs = read_results(RESULTS / "progressive.jsonl")
+    lines = ["| machine | settings | job | budget / scheme | early stop | bytes | bpw | KL mean | KL p99 | top-1 | "
+             "ppl ratio | train steps (of) | s |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        what = r.get("budget") if r["job"] != "trained" else r.get("scheme")
+        if r["job"] == "uniform":
+            what = f"{r['budget']}: {r['scheme']}"
+        es = {True: "on", False: "off"}.get(r.get("early_stop"), "")
+        steps = ""
+        if r.get("train_steps") is not None:
+            steps = f"{r['train_steps']:,}" + (f" ({r['train_steps_without_early_stop']:,})"
+                                                if r.get("train_steps_without_early_stop") else "")
+        sett = f"{r['calib_windows']}x{r['calib_seqlen']}, {r['steps']} steps, eval {r['tokens']:,} tok"
+        lines.append(f"| {r['env']['machine']} | {sett} | {r['job']} | {what} | {es} | {r['bytes']:,} | {r['bpw']:.3f} | "
+                     f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} | {steps} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def regressor_table() -> str:
+    recs = read_results(RESULTS / "regressor.jsonl")
+    if not recs:
+        return ""
+    r = recs[-1]
+    by = ", ".join(f"{v['curves']} curves of {k} steps: {100 * v['median_rel_error']:.1f} %" for k, v in r["by_steps"].items())
+    return (f"| curves | median rel. error | p90 | 80 % interval covers | power law (median) | last value seen (median) |\n"
+            f"|---:|---:|---:|---:|---:|---:|\n"
+            f"| {r['curves']} | {100 * r['median_rel_error']:.1f} % | {100 * r['p90_rel_error']:.1f} % | "
+            f"{100 * r['interval_80_coverage']:.0f} % | {100 * r['powerlaw_median_rel_error']:.1f} % | "
+            f"{100 * r['last_seen_median_rel_error']:.1f} % |\n\nBy run length: {by}.")
+
+
+def kernels_table() -> str:
+    recs = [r for r in read_results(RESULTS / "kernels.jsonl") if r.get("run", "").startswith("h200-2")]
+    cub = {(r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
+    q = [r for r in recs if r["kind"] not in ("copy", "cublas")]
+    copy = next((r["copy_gbps"] for r in recs if r["kind"] == "copy"), None)
+    lines = [f"Measured copy bandwidth {copy:,.0f} GB/s.", "",
+             "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    pick = [r for r in q if r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 and r.get("dtype", "float16") == "float16"]
+    for r in sorted(pick, key=lambda r: (r["K"], r["N"], r["M"], -r["bits"])):
+        c = cub.get((r["K"], r["N"], r["M"]))
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['scheme']} | {r.get('path', '')} | {r['us']:.1f} | "
+                     f"{r['gbps']:,.0f} | {100 * r['frac_copy']:.0f} % | {c['us'] if c else float('nan'):.1f} | "
+                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def decode_table() -> str:
+    recs = read_results(RESULTS / "decode.jsonl")
+    lines = ["| machine | scheme | batch | CUDA graphs | fp16 tok/s | quantized tok/s | x fp16 | bytes total (fp16) |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in recs:
+        lines.append(f"| {r['env']['machine']} | {r['scheme']} | {r['batch']} | {r['graphs']} | {r['base_tokens_per_s']:,.0f} | "
+                     f"{r['quant_tokens_per_s']:,.0f} | {r['speedup']:.2f} | {r['bytes_total']:,} ({r['base_bytes_total']:,}) |")
+    return "\n".join(lines)
+
+
+def search_table() -> str:
+    recs = read_results(RESULTS / "search.jsonl")
+    out = []
+    for r in [r for r in recs if r["bench"] == "search-study"][-1:]:
+        st = r["settings"]
+        out.append(f"Study `{r['study']}` on {r['env']['machine']}: {r['trials']} trials, {st['granularity']} units, "
+                   f"{st['sampler']} (seed {st['seed']}), scored on {st['eval_tokens']:,} held-out validation tokens, "
+                   f"{'trained units' if st['train'] else 'round-to-nearest'}; {len(r['front'])} front points, "
+                   f"final hypervolume {r['hypervolume'][-1]:.3f}, {r['seconds']:.0f} s.")
+    for r in [r for r in recs if r["bench"] == "search-knapsack"][-1:]:
+        out += ["", "| budget | knapsack bytes | knapsack KL | front bytes | front KL (trial) | search lower |",
+                "|---|---:|---:|---:|---:|---|"]
+        for x in r["rows"]:
+            out.append(f"| {x['budget']} | {x['knapsack_bytes']:,} | {x['knapsack_kl']:.4f} | {x['front_bytes'] or 0:,} | "
+                       f"{x['front_kl'] or float('nan'):.4f} ({x['front_trial']}) | {'yes' if x['search_wins'] else 'no'} |")
+    for r in [r for r in recs if r["bench"] == "search-compare"][-1:]:
+        out += ["", "Scored on the WikiText-2 test set:", "",
+                "| kind | name / trial | bytes | bpw | KL mean | top-1 | ppl ratio | dominated by the front |",
+                "|---|---|---:|---:|---:|---:|---:|---|"]
+        for x in sorted(r["rows"], key=lambda x: (x["kind"], x["bytes"])):
+            dom = "" if x["kind"] == "front" else ("yes" if x.get("dominated_by_front") else "no")
+            out.append(f"| {x['kind']} | {x.get('name') or x.get('trial')} | {x['bytes']:,} | {x['bpw']:.3f} | "
+                       f"{x['kl_mean']:.4f} | {x['top1']:.3f} | {x['ppl_ratio']:.4f} | {dom} |")
+    for r in [r for r in recs if r["bench"] == "search-pruning"][-1:]:
+        on, off = r["prune_on"], r["prune_off"]
+        out += ["", f"Pruning on against off ({r['trials']} trials each, same seed, {r['env']['machine']}): training steps "
+                f"{on['train_steps']['run']:,} against {off['train_steps']['run']:,} "
+                f"({100 * r['compute_saved']:.0f} % saved, {on['train_steps']['pruned_trials']} trials pruned); "
+                f"hypervolume {on['hypervolume']:.4f} against {off['hypervolume']:.4f} "
+                f"({100 * r['hypervolume_lost']:.1f} % lost)."]
+    return "\n".join(out)
+
+
+TABLES: dict[str, Callable[[], str]] = {"search": search_table, "uniform": uniform_table, "progressive": progressive_table,
+                                        "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table}
 
 
 def render(text: str) -> str:

@@ -22,6 +22,7 @@ def run(capsys, *argv):
     (["eval", "--model", "/no/such/model.gguf", "--scheme", "w4g64"], "model file not found"),
     (["eval", "--model", "./no/such/dir", "--scheme", "w4g64"], "model path not found"),
     (["run", "--budget", "-3GiB"], "must be positive"),
+    (["progressive", "--budget", "-3GiB", "--out", "p.json", "--journal", "j.jsonl"], "must be positive"),
     (["eval", "--eval-tokens", "-5"], "must be positive"),
     (["eval", "--frobnicate"], "unrecognized arguments"),
 ])
@@ -57,7 +58,7 @@ def test_eval_json_on_stdout_only(capsys, tiny_dir, text_file, other_text_file):
 
 
 def test_run_marks_budget(capsys, tiny_dir, text_file):
-    rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--eval-data", str(text_file), "--eval-tokens", "64",
+    rc, out, err = run(capsys, "uniform", "--model", str(tiny_dir), "--eval-data", str(text_file), "--eval-tokens", "64",
                        "--seqlen", "32", "--schemes", "w8g32,w2g32", "--budget", "4bpw", "--json")
     obj = json.loads(out)
     assert rc == 0 and [r["fits"] for r in obj["results"]] == [False, True]
@@ -67,3 +68,13 @@ def test_run_marks_budget(capsys, tiny_dir, text_file):
 def test_console_script_exit_status():
     p = subprocess.run([sys.executable, "-m", "aqsearch", "eval", "--scheme", "w4g128x"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_main_job_end_to_end(capsys, tiny_dir, tmp_path):
+    rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--trials", "8", "--budget", "5bpw", "--eval-tokens", "64",
+                       "--seqlen", "32", "--workdir", str(tmp_path / "job"), "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["picked"]["bytes"] <= res["budget_bytes"]
+    assert (tmp_path / "job" / "plan.json").exists() and (tmp_path / "job" / "front.png").exists()
+    assert res["eval_data"]["source"] == "model-samples(seed=2)"  # not the text the search scored on
+    assert res["picked"]["kl_mean"] <= res["uniform"]["kl_mean"] * 1.5

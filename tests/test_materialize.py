@@ -66,6 +66,32 @@ def test_materialized_model_computes_the_fake_quantized_logits():
 
 
 @torch.no_grad()
+def test_trained_tensors_are_materialized_as_given():
+    """Codes from block training (learned rounding offsets and clips) reach the packed model unchanged."""
+    from aqsearch.models import decoder_layers
+    from aqsearch.quantizers import quantize
+    from aqsearch.weights import trained_weight_fn
+
+    m = tiny()
+    x = ids()
+    gen = torch.Generator().manual_seed(3)
+    trained = {}
+    for l in decoder_layers(m):
+        s = PLAN.scheme_for(l.name)
+        if s is not None:
+            w = m.get_submodule(l.name).weight
+            v = (torch.rand(w.shape, generator=gen) - 0.5) * 0.8  # offsets that move many codes
+            trained[l.name] = quantize(w, s, v=v)
+    with quantized(m, PLAN, weight_fn=trained_weight_fn(trained)):
+        ref = m(x).logits
+    with quantized(m, PLAN):
+        rtn = m(x).logits
+    materialize(m, PLAN, dtype=torch.float32, qtensors=trained)
+    torch.testing.assert_close(m(x).logits, ref, rtol=1e-5, atol=1e-5)
+    assert (m(x).logits - rtn).abs().max() > 1e-3  # the trained codes differ from round-to-nearest
+
+
+@torch.no_grad()
 def test_save_load_round_trip_and_bytes_on_disk(tmp_path):
     m = tiny()
     expected = plan_bytes(m, PLAN)

@@ -1,0 +1,72 @@
+"""optuna-dashboard shows a study: started on a loopback port, opened in headless Chromium."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from aqsearch.cli import main
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def dashboard(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dash")
+    url = f"sqlite:///{d}/dash.db"
+    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "tiny-front", "--trials", "10",
+                 "--budget", "6bpw", "--eval-tokens", "64", "--seqlen", "32", "--calib-samples", "4",
+                 "--calib-seqlen", "32"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    p = subprocess.Popen([str(exe), url, "--host", "127.0.0.1", "--port", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/api/studies", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.2)
+    yield base
+    p.terminate()
+    p.wait()
+
+
+def test_dashboard_api_sees_study_and_metric_names(dashboard):
+    import json
+
+    studies = json.loads(urllib.request.urlopen(dashboard + "/api/studies").read())["study_summaries"]
+    s = [x for x in studies if x["study_name"] == "tiny-front"][0]
+    detail = json.loads(urllib.request.urlopen(f"{dashboard}/api/studies/{s['study_id']}?after=0").read())
+    assert detail["objective_names"] == ["KL mean (nats/token)", "bytes"]
+    assert len(detail["trials"]) == 10 and any(t["constraints"] for t in detail["trials"])
+    assert "plan" in {a["key"] for a in detail["trials"][0]["user_attrs"]}
+
+
+def test_pareto_front_renders_in_chromium(dashboard):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(dashboard + "/dashboard")
+        page.get_by_text("tiny-front").first.wait_for(timeout=30000)
+        page.get_by_text("tiny-front").first.click()
+        page.get_by_text("Pareto Front").first.wait_for(timeout=30000)
+        page.wait_for_selector(".js-plotly-plot .scatterlayer .point", timeout=30000)
+        points = page.locator(".js-plotly-plot .scatterlayer .point").count()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-pareto.png"), full_page=True)
+        browser.close()
+    assert points >= 3
