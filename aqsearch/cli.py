@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -92,15 +91,13 @@ def _emit(args, obj: dict, table: str) -> None:
 
 
 def _setup(args):
-    """Model, evaluation set and reference shared by eval and run."""
-    from aqsearch.data import calib_eval_sets
+    """Model, evaluation set and reference shared by eval and uniform."""
+    from aqsearch.data import calib_eval_sets, check_sources
     from aqsearch.models import load_model
     from aqsearch.quality import build_reference
 
     device = resolve_device(args.device)
-    for f in (args.calib_data, args.eval_data):
-        if f is not None and not f.startswith("hf:") and not os.path.isfile(f):
-            raise AqError(f"data file not found: {f}")
+    check_sources(args.calib_data, args.eval_data)
     loaded = load_model(args.model, device=device)
     _, ev = calib_eval_sets(loaded, args.calib_data, args.eval_data, eval_tokens=args.eval_tokens,
                             seqlen=args.seqlen, split=args.split)
@@ -128,13 +125,12 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     from aqsearch.config import Budget
+    from aqsearch.data import check_sources
     from aqsearch.job import run_job
     from aqsearch.models import load_model
 
     Budget.parse(args.budget)
-    for f in (args.calib_data, args.eval_data):
-        if f is not None and not f.startswith("hf:") and not os.path.isfile(f):
-            raise AqError(f"data file not found: {f}")
+    check_sources(args.calib_data, args.eval_data)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
     res = run_job(loaded, args.budget, args.workdir, args.trials, args.calib_data, args.eval_data, args.eval_tokens,

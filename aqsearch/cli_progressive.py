@@ -42,7 +42,10 @@ def cmd_progressive(args) -> int:
     from aqsearch.rebalance import absolute_floor, gated_floor
     from aqsearch.weights import save_qtensors
 
+    from aqsearch.data import check_sources
+
     budget, gate = Budget.parse(args.budget), Gate.parse(args.gate)
+    check_sources(args.calib_data, args.eval_data)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
     calib, ev = calib_eval_sets(loaded, args.calib_data, args.eval_data, calib_windows=args.calib_samples,

@@ -7,7 +7,6 @@ import os
 import sys
 
 from aqsearch.cli import _add_model, _emit, _positive_int, resolve_device
-from aqsearch.errors import AqError
 
 
 def _add_study(p) -> None:
@@ -60,12 +59,12 @@ def cmd_search(args) -> int:
 
     from aqsearch.config import Budget
     from aqsearch.curves import default_regressor
+    from aqsearch.data import check_sources
     from aqsearch.models import load_model
     from aqsearch.search import SearchSettings, pareto_front, run_study
 
     Budget.parse(args.budget)
-    if args.calib_data and not args.calib_data.startswith("hf:") and not os.path.isfile(args.calib_data):
-        raise AqError(f"data file not found: {args.calib_data}")
+    check_sources(args.calib_data)
     device = resolve_device(args.device)
     k = int(os.environ.get("AQSEARCH_WORKER", "0"))
     if device == "cuda" and torch.cuda.device_count() > 1:

@@ -157,14 +157,20 @@ def sample_ids(model, tokenizer, n_tokens: int, seqlen: int, seed: int, fingerpr
     return ids
 
 
+def check_sources(*specs: str | None) -> None:
+    """Fail early, before any model is loaded, on a data file that is not there."""
+    for spec in specs:
+        if spec is not None and not spec.startswith("hf:") and not Path(spec).is_file():
+            raise AqError(f"data file not found: {spec}")
+
+
 def source_identity(spec: str | None, seed: int) -> str:
     """Equal identities mean the same text (files compare by content)."""
     if spec is None:
         return f"samples:{seed}"
     if spec.startswith("hf:"):
         return spec
-    if not Path(spec).is_file():
-        raise AqError(f"data file not found: {spec}")
+    check_sources(spec)
     return "file:" + sha256_file(spec)
 
 

@@ -71,6 +71,25 @@ class Journal:
             return r if r.get("type") == "start" else None
         return None
 
+    def save_block_weights(self, name: str, block: int, tensors: dict) -> dict:
+        """Write a block's trained tensors (in-block suffix -> QTensor) as ``<journal>.d/<name>.safetensors``;
+        return the reference records carry: ``{file, sha256, layers}``."""
+        from aqsearch.weights import save_qtensors
+
+        path = self.artifacts / f"{name}.safetensors"
+        names = {f"model.layers.{block}.{sfx}": t for sfx, t in tensors.items()}
+        sha = save_qtensors(path, names)
+        return {"file": str(path.relative_to(self.path.parent)), "sha256": sha, "layers": sorted(names)}
+
+    def load_block_weights(self, ref: dict | None) -> dict:
+        """The tensors a reference names, keyed by in-block suffix (``mlp.up_proj``); {} for none."""
+        from aqsearch.weights import load_qtensors
+
+        if not ref:
+            return {}
+        full = load_qtensors(self.path.parent / ref["file"], ref["sha256"])
+        return {k.split(".", 3)[-1]: v for k, v in full.items()}
+
     def truncate_torn_tail(self) -> None:
         """Drop a torn last line so that appending continues on a clean line."""
         if not self.path.exists():

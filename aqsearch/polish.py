@@ -26,7 +26,6 @@ from aqsearch.journal import Journal
 from aqsearch.models import BLOCK_LINEARS, decoder_blocks
 from aqsearch.quantizers import QTensor, dequantize, fake_quantize
 from aqsearch.training import Curve, TrainSettings, rel_error, train_block
-from aqsearch.weights import load_qtensors, save_qtensors
 
 
 def polish(
@@ -61,7 +60,7 @@ def polish(
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
             y_fp = acts.run(blk, acts.x_fp)
             if i in done:
-                q = _load(journal, done[i])
+                q = journal.load_block_weights(done[i].get("trained"))
                 stats["blocks"].append({k: done[i].get(k) for k in ("block", "before", "after", "steps", "stopped")})
                 stats["steps"] += done[i]["steps"]
                 stats["steps_full"] += done[i]["steps_full"]
@@ -80,10 +79,7 @@ def polish(
                        "steps": curve.steps_run, "steps_full": settings.steps, "stopped": curve.stopped,
                        "curve": curve.to_json(), "prediction": preds[-1] if preds else None}
                 if journal is not None:
-                    path = journal.artifacts / f"polish{i:03d}.safetensors"
-                    names = {f"model.layers.{i}.{sfx}": t for sfx, t in q.items()}
-                    rec["trained"] = {"file": str(path.relative_to(journal.path.parent)),
-                                      "sha256": save_qtensors(path, names), "layers": sorted(names)}
+                    rec["trained"] = journal.save_block_weights(f"polish{i:03d}", i, q)
                     journal.append(rec)
                 stats["steps"] += curve.steps_run
                 stats["steps_full"] += settings.steps
@@ -98,11 +94,4 @@ def polish(
     stats["seconds"] = time.time() - t0
     return out, stats
 
-
-def _load(journal: Journal, rec: dict) -> dict[str, QTensor]:
-    ref = rec.get("trained")
-    if not ref:
-        return {}
-    full = load_qtensors(journal.path.parent / ref["file"], ref["sha256"])
-    return {k.split(".", 3)[-1]: v for k, v in full.items()}
 

@@ -29,7 +29,6 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -43,7 +42,6 @@ from aqsearch.memory import format_bytes, layer_bytes
 from aqsearch.models import FUSED, LoadedModel, decoder_blocks, decoder_layers
 from aqsearch.quantizers import QTensor, dequantize, fake_quantize
 from aqsearch.training import Curve, TrainSettings, rel_error, train_block
-from aqsearch.weights import load_qtensors, save_qtensors
 
 UNITS = ("qkv", "o", "gate_up", "down")
 SUFFIXES = {u: [s for s, f in FUSED.items() if f == u] for u in UNITS}
@@ -179,20 +177,16 @@ class Engine:
     def _save_trained(self, i: int, q: dict[str, QTensor]) -> dict:
         # Named by block and attempt: a resumed run redoing a block writes the same names again.
         self._attempt += 1
-        path = self.journal.artifacts / f"block{i:03d}-{self._attempt}.safetensors"
-        names = {f"model.layers.{i}.{sfx}": t for sfx, t in q.items()}
-        sha = save_qtensors(path, names)
-        self._trained_cache[path.name] = q
-        return {"file": str(path.relative_to(self.journal.path.parent)), "sha256": sha, "layers": sorted(names)}
+        ref = self.journal.save_block_weights(f"block{i:03d}-{self._attempt}", i, q)
+        self._trained_cache[ref["file"]] = q
+        return ref
 
     def trained_of(self, ref: dict | None) -> dict[str, QTensor] | None:
         if not ref:
             return None
-        name = Path(ref["file"]).name
-        if name not in self._trained_cache:
-            full = load_qtensors(self.journal.path.parent / ref["file"], ref["sha256"])
-            self._trained_cache[name] = {k.split(".", 3)[-1]: v for k, v in full.items()}
-        return self._trained_cache[name]
+        if ref["file"] not in self._trained_cache:
+            self._trained_cache[ref["file"]] = self.journal.load_block_weights(ref)
+        return self._trained_cache[ref["file"]]
 
     def do_block(self, i: int) -> dict:
         s = self.s
