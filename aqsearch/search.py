@@ -68,6 +68,7 @@ class SearchSettings:
     steps: int = 40
     prune: bool = True
     warm_uniform: bool = True
+    unit_cache: bool = True  # trained units in files shared by workers and runs (off: this process only)
 
 
 def make_storage(url: str, heartbeat: int = 30):
@@ -247,8 +248,9 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
         from aqsearch.unittrain import UnitTrainer
 
         trainer = UnitTrainer(loaded.model, cal, TrainSettings(steps=settings.steps, batch=8, seed=settings.seed),
-                              key=loaded.fingerprint)
-        study.set_user_attr("unit_cache", str(trainer.folder)) if not worker else None
+                              key=loaded.fingerprint, cache=settings.unit_cache)
+        if not worker and trainer.folder is not None:
+            study.set_user_attr("unit_cache", str(trainer.folder))
     obj = Objective(loaded, space, ref, limit, settings, batch, trainer, regressor)
 
     def stop_when_queue_empty(study, _trial):
@@ -322,6 +324,8 @@ def pick(storage: str, study_name: str, budget: str | Budget) -> tuple[Plan, dic
 
         from aqsearch.weights import load_qtensors
 
+        if "unit_cache" not in study.user_attrs:
+            raise AqError(f"trial {t.number} was trained, but study {study_name!r} kept no trained units on disk")
         folder = Path(study.user_attrs["unit_cache"])
         for name, c in t.user_attrs["trained_units"]:
             tensors.update(load_qtensors(folder / f"{name}.{c}.safetensors"))

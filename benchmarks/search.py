@@ -107,7 +107,7 @@ def cmd_pruning(args) -> None:
     rec = {"bench": "search-pruning", "trials": args.trials, "budget": args.budget}
     for prune in (True, False):
         name = f"{args.study}-prune-{'on' if prune else 'off'}"
-        s = settings(args, train=True, prune=prune)
+        s = settings(args, train=True, prune=prune, unit_cache=False)  # neither run reuses the other's training
         t0 = time.time()
         run_study(loaded, args.budget, args.trials, args.storage, name, s, calib_file(args), args.device,
                   regressor=default_regressor())
