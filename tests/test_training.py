@@ -1,0 +1,154 @@
+"""Block capture, SignRound training, the learning-curve regressor, the knapsack, the journal's torn tail."""
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from aqsearch.capture import Activations
+from aqsearch.config import QuantScheme
+from aqsearch.curves import CurveRegressor, early_stopper
+from aqsearch.errors import AqError
+from aqsearch.journal import Journal
+from aqsearch.knapsack import solve
+from aqsearch.models import BLOCK_LINEARS, decoder_blocks
+from aqsearch.quantizers import quantize
+from aqsearch.training import BlockTraining, Curve, TrainSettings, rel_error, train_block
+from aqsearch.weights import load_qtensors, save_qtensors
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny_model()
+    ids = torch.randint(3, 320, (8, 24), generator=torch.Generator().manual_seed(0))
+    return m, ids
+
+
+def test_capture_matches_the_models_hidden_states(setup):
+    m, ids = setup
+    with torch.no_grad():
+        hs = m(ids, output_hidden_states=True).hidden_states  # embeddings, then each block's output
+    for dev_b, cpu_b in ((16 << 30, 8 << 30), (0, 0)):  # in memory, and forced onto memory-mapped files
+        acts = Activations.capture(m, ids, batch=3, device_bytes=dev_b, cpu_bytes=cpu_b)
+        assert torch.allclose(acts.x_fp, hs[0], atol=1e-6)
+        acts.advance(decoder_blocks(m)[0], {})
+        assert torch.allclose(acts.x_fp, hs[1], atol=1e-5) and torch.allclose(acts.x_q, hs[1], atol=1e-5)
+    assert acts.report() == {"disk": 2 * 8 * 24 * 64 * 4}
+
+
+def _block_run(m, ids, **kw):
+    acts = Activations.capture(m, ids, batch=4)
+    blk = decoder_blocks(m)[0]
+    y = acts.run(blk, acts.x_fp)
+    schemes = {sfx: QuantScheme(2, 32) for sfx in BLOCK_LINEARS}
+    return blk, acts, y, schemes
+
+
+def test_training_lowers_held_out_error_and_keeps_the_best(setup):
+    m, ids = setup
+    blk, acts, y, schemes = _block_run(m, ids)
+    q, curve = train_block(blk, schemes, acts, y, torch.arange(6), torch.arange(6, 8), TrainSettings(steps=30, batch=4))
+    assert len(curve.points) >= 10 and curve.steps_run == 30 and curve.stopped is None
+    assert curve.best < curve.initial  # training helps on held-out windows
+    # the returned tensors are the best checkpoint: their held-out error is curve.best
+    from aqsearch.quantizers import dequantize
+
+    w = {f"{s}.weight": dequantize(t) for s, t in q.items()}
+    assert rel_error(acts, blk, w, y, torch.arange(6, 8)) == pytest.approx(curve.best, rel=1e-5)
+
+
+def test_paused_run_equals_uninterrupted_run(setup):
+    m, ids = setup
+    blk, acts, y, schemes = _block_run(m, ids)
+    ts = TrainSettings(steps=20, batch=4)
+    _, whole = train_block(blk, schemes, acts, y, torch.arange(6), torch.arange(6, 8), ts)
+    r = BlockTraining(blk, schemes, acts, y, torch.arange(6), torch.arange(6, 8), ts)
+    r.advance(4)
+    assert r.step == 4 and not r.done
+    r.advance()
+    _, parts = r.finish()
+    assert [p["heldout"] for p in parts.points] == [p["heldout"] for p in whole.points]
+
+
+def test_stop_reason_ends_a_run(setup):
+    m, ids = setup
+    blk, acts, y, schemes = _block_run(m, ids)
+    stop = lambda c: "enough" if c.steps_run >= 6 else None  # noqa: E731
+    _, curve = train_block(blk, schemes, acts, y, torch.arange(6), torch.arange(6, 8), TrainSettings(steps=30, batch=4),
+                           should_stop=stop)
+    assert curve.stopped == "enough" and curve.steps_run < 30
+
+
+def synthetic(rng, steps=40):
+    """Curves of a known family: L(t) = L0 * (a + (1 - a) * exp(-t / tau)), a measured every 2 steps."""
+    a, tau, l0 = rng.uniform(0.2, 0.8), rng.uniform(3, 12), rng.uniform(1e-3, 1e-1)
+    pts = [{"step": t, "samples": t * 8, "train": 0.0, "heldout": l0 * (a + (1 - a) * math.exp(-t / tau))}
+           for t in range(0, steps + 1, 2)]
+    return Curve(block=rng.randrange(30), schemes={"mlp.up_proj": "w4g128"}, steps=steps, n_train=24, batch=8,
+                 points=pts)
+
+
+def test_regressor_predicts_unseen_curves_and_orders_quantiles():
+    rng = random.Random(0)
+    reg = CurveRegressor([synthetic(rng) for _ in range(150)])
+    errs = []
+    for _ in range(40):
+        c = synthetic(rng)
+        pred = reg.predict(c, 8)
+        assert pred[0.1] <= pred[0.5] <= pred[0.9]
+        errs.append(abs(pred[0.5] - c.best) / c.best)
+    assert sorted(errs)[len(errs) // 2] < 0.1
+
+
+def test_early_stopper_stops_hopeless_runs_only():
+    rng = random.Random(1)
+    reg = CurveRegressor([synthetic(rng) for _ in range(100)])
+    c = synthetic(rng)
+    prefix = Curve(**{**c.__dict__, "points": [p for p in c.points if p["step"] <= 8]})
+    log = []
+    assert early_stopper(reg, goal=c.best * 0.01, log=log)(prefix).startswith("hopeless")
+    assert early_stopper(reg, goal=c.best * 10)(prefix) is None
+    assert log and log[0]["goal"] == c.best * 0.01
+
+
+def test_knapsack_equals_brute_force():
+    rng = random.Random(2)
+    for _ in range(20):
+        options = [[(rng.random(), rng.randrange(1, 9) * 100) for _ in range(3)] for _ in range(4)]
+        budget = rng.randrange(4, 30) * 100
+        picks = solve(options, budget, quantum=100)
+        feasible = [sum(options[u][j][0] for u, j in enumerate(c)) for c in itertools.product(range(3), repeat=4)
+                    if sum(options[u][j][1] for u, j in enumerate(c)) <= budget]
+        if not feasible:
+            assert picks is None
+        else:
+            assert sum(options[u][j][0] for u, j in enumerate(picks)) == pytest.approx(min(feasible))
+
+
+def test_journal_ignores_and_trims_a_torn_last_line(tmp_path):
+    j = Journal(tmp_path / "j.jsonl")
+    j.append({"type": "start"})
+    with open(j.path, "a") as f:
+        f.write('{"type": "try", "blo')  # a crash mid-write
+    assert [r["type"] for r in j.records()] == ["start"]
+    j.truncate_torn_tail()
+    j.append({"type": "try"})
+    assert [r["type"] for r in j.records()] == ["start", "try"]
+    with open(j.path, "a") as f:
+        f.write("not json\n")
+    with pytest.raises(AqError, match="corrupt at line 3"):
+        list(j.records())
+
+
+def test_weights_file_round_trip_and_integrity(tmp_path):
+    q = {"a": quantize(torch.randn(8, 64), QuantScheme(3, 32)), "b": quantize(torch.randn(4, 32), QuantScheme(4, 32, True))}
+    sha = save_qtensors(tmp_path / "w.safetensors", q)
+    back = load_qtensors(tmp_path / "w.safetensors", sha)
+    assert all(torch.equal(back[k].codes, q[k].codes) and back[k].scheme == q[k].scheme for k in q)
+    with pytest.raises(AqError, match="does not match"):
+        load_qtensors(tmp_path / "w.safetensors", "0" * 64)
+    assert json.loads(json.dumps(sha)) == sha
