@@ -59,6 +59,8 @@ def polish(
         for i, blk in enumerate(blocks):
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
             y_fp = acts.run(blk, acts.x_fp)
+            if i in done and done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}:
+                del done[i]  # trained for other schemes (a rebalance changed the block since): train again
             if i in done:
                 q = journal.load_block_weights(done[i].get("trained"))
                 stats["blocks"].append({k: done[i].get(k) for k in ("block", "before", "after", "steps", "stopped")})
@@ -75,7 +77,8 @@ def polish(
                                        should_stop=stop, tag=f"polish block {i}")
                 if regressor is not None and curve.stopped is None:
                     regressor.refit([curve])
-                rec = {"type": "polish", "block": i, "before": before - floor, "after": curve.best - floor,
+                rec = {"type": "polish", "block": i, "schemes": {k: str(v) for k, v in schemes.items()},
+                       "before": before - floor, "after": curve.best - floor,
                        "steps": curve.steps_run, "steps_full": settings.steps, "stopped": curve.stopped,
                        "curve": curve.to_json(), "prediction": preds[-1] if preds else None}
                 if journal is not None:

@@ -1,13 +1,15 @@
-"""After the block sweep: meet the budget, then spend what it leaves, from each block's measured menu.
+"""After the block sweep: the budget decides among the configurations each block measured.
 
-Every block record carries a menu: the configurations measured while it was processed, each with the
-error it adds (``delta``) and its bytes. Over budget, the block whose next cheaper measured
-configuration costs the least added error per byte saved is lowered (configurations that pass the gate
-first); under budget, the one whose dearer configuration removes the most error per byte is raised,
-while it fits. Each change is a ``rebalance`` line in the journal.
+Every block record carries a menu: the configurations measured while it was processed (the descent, the
+sensitivity and group-size trials, trained ones, and the neighbours of its accepted state), each with
+the error it adds (``delta``) and its bytes. The sweep decided block by block against a fair share of
+the budget; the rebalance picks one menu entry per block for the least summed error within the whole
+budget (a multiple-choice knapsack, :func:`aqsearch.knapsack.solve`). Each block it changes is a
+``rebalance`` line in the journal.
 
-When even the cheapest measured configurations cannot meet the budget, the plan is left at them and
-the result says by how much it misses (``meets_budget: false``) and the smallest size the gates allow.
+When even the cheapest measured configurations cannot meet the budget, every block takes its cheapest
+one and the result says by how much it misses (``meets_budget: false``) and the smallest size the gates
+allow.
 """
 
 from __future__ import annotations
@@ -45,33 +47,19 @@ def absolute_floor(eng) -> int:
 
 
 def rebalance(eng) -> None:
-    limit = eng.limit
-    while _total(eng) > limit:
-        best = None
-        for i, d in eng.decided.items():
-            for e in d["menu"]:
-                if e["bytes"] >= d["bytes"] or e["delta"] is None:
-                    continue
-                cost = (e["delta"] - d["delta"]) / (d["bytes"] - e["bytes"])
-                key = (not eng.passes(e["delta"]), cost, i)
-                if best is None or key < best[0]:
-                    best = (key, i, e)
-        if best is None:
-            break
-        (fails, cost, _), i, e = best
-        _apply(eng, i, e, "lower", f"over budget by {_total(eng) - limit:,} B; {cost:.3g} error per byte saved"
-               + ("; below the gate" if fails else ""))
-    while True:
-        slack, best = limit - _total(eng), None
-        for i, d in eng.decided.items():
-            for e in d["menu"]:
-                extra = e["bytes"] - d["bytes"]
-                if extra <= 0 or extra > slack or e["delta"] is None or e["delta"] >= d["delta"]:
-                    continue
-                gain = (d["delta"] - e["delta"]) / extra
-                if best is None or (gain, -i) > best[0]:
-                    best = ((gain, -i), i, e)
-        if best is None:
-            break
-        (gain, _), i, e = best
-        _apply(eng, i, e, "raise", f"{slack:,} B left; {gain:.3g} error removed per byte")
+    from aqsearch.knapsack import solve
+
+    blocks = sorted(eng.decided)
+    menus = [[e for e in eng.decided[i]["menu"] if e["delta"] is not None] for i in blocks]
+    quantum = max(1, eng.limit // 20000)  # ~20k capacity steps; sizes round up, so the answer always fits
+    picks = solve([[(e["delta"], e["bytes"]) for e in m] for m in menus], eng.limit, quantum)
+    before = _total(eng)
+    if picks is None:
+        picks = [min(range(len(m)), key=lambda j: m[j]["bytes"]) for m in menus]
+        why = "no measured configurations fit the budget: the cheapest of each block"
+    else:
+        why = f"least summed error within {eng.limit:,} B (the sweep left {before:,} B)"
+    for i, m, j in zip(blocks, menus, picks):
+        e, d = m[j], eng.decided[i]
+        if e["config"] != d["config"] or e.get("trained") != d.get("trained"):
+            _apply(eng, i, e, "lower" if e["bytes"] < d["bytes"] else "raise", why)

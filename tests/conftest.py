@@ -6,17 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKI_VALID = SHARED_DATA / "wikitext-2-valid.tokens.txt"
-WIKI_TEST = SHARED_DATA / "wikitext-2-raw-test.txt"
-
-CORPUS = (
-    "The quick brown fox jumps over the lazy dog. A model of language predicts the next token. "
-    "Quantization stores weights in fewer bits; groups share a scale and a zero. "
-    "Memory budgets decide how many bits each layer may keep. "
-) * 20
+from tinymodels import CORPUS, WIKI_TEST, WIKI_VALID, tiny_config, tiny_model, tiny_tokenizer  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,43 +16,6 @@ def _isolated_cache(tmp_path_factory):
     if "AQSEARCH_CACHE" not in os.environ:
         os.environ["AQSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_config(arch: str = "llama", **kw):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    base = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, bos_token_id=1,
-                eos_token_id=2, tie_word_embeddings=True)
-    base.update(kw)
-    return cls(**base)
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, **kw):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_config(arch, **kw))
-    # Random init gives near-uniform outputs; scale up so the distributions have shape.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return m.eval()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from aqsearch.config import Budget, Plan, QuantScheme
 from aqsearch.memory import budget_bytes, code_words, layer_bytes, plan_bytes, smallest_bytes
 from aqsearch.models import decoder_layers
 from aqsearch.quantizers import n_groups
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 # SmolLM2-135M decoder Linears (out, in), per block: q, k, v, o, gate, up, down; 30 blocks.
 SMOL_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]

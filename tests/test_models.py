@@ -3,7 +3,7 @@ import torch
 
 from aqsearch.errors import AqError
 from aqsearch.models import BLOCK_LINEARS, decoder_blocks, decoder_layers, fingerprint, load_model, resolve_source
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

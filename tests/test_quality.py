@@ -13,7 +13,7 @@ from aqsearch.memory import plan_bytes
 from aqsearch.models import decoder_layers
 from aqsearch.quality import build_reference, evaluate
 from aqsearch.quantizers import fake_quantize
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from aqsearch.config import Plan
 from aqsearch.data import calib_eval_sets
 from aqsearch.models import decoder_layers, load_model
 from aqsearch.quality import build_reference, evaluate
-from conftest import WIKI_TEST, WIKI_VALID
+from tinymodels import WIKI_TEST, WIKI_VALID
 
 pytestmark = pytest.mark.real
 

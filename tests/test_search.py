@@ -15,7 +15,7 @@ from aqsearch.memory import plan_bytes
 from aqsearch.models import load_model
 from aqsearch.search import hypervolume, load_study, pareto_front
 from aqsearch.space import FULL, build_space
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 BASE = ["--eval-tokens", "64", "--seqlen", "32", "--calib-samples", "4", "--calib-seqlen", "32", "--budget", "6bpw"]
 

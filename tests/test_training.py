@@ -18,7 +18,7 @@ from aqsearch.models import BLOCK_LINEARS, decoder_blocks
 from aqsearch.quantizers import quantize
 from aqsearch.training import BlockTraining, Curve, TrainSettings, rel_error, train_block
 from aqsearch.weights import load_qtensors, save_qtensors
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 
 @pytest.fixture(scope="module")
