@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import warnings
 
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 
 from aqsearch.apply import WeightCache
 from aqsearch.config import Budget, Plan
@@ -268,18 +269,30 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
 
         tick(study, None)
         deadline = None
+        seeded: set[int] = set()
         while True:
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails and is queued again
             if study.get_trials(deepcopy=False, states=(WAITING,)):
                 study.optimize(obj, callbacks=[tick, stop_when_queue_empty], catch=(QueueEmpty,))
                 deadline = None
                 continue
-            if not study.get_trials(deepcopy=False, states=(RUNNING,)):
+            running = study.get_trials(deepcopy=False, states=(RUNNING,))
+            if not running:
                 break
             # running trials: another worker's, or a dead one's that turns stale after the grace period
             deadline = deadline or time.time() + 3 * heartbeat + 10
             if time.time() > deadline:
-                break
+                # A worker killed between taking a trial (RUNNING) and its first heartbeat leaves a trial
+                # Optuna never calls stale. Give each such trial one heartbeat: a live worker's goes on
+                # beating, a dead one's turns stale after the grace period and is queued again.
+                orphans = [t._trial_id for t in running if t._trial_id not in seeded]
+                if not orphans or not is_heartbeat_enabled(study._storage):
+                    break
+                for tid in orphans:
+                    study._storage.record_heartbeat(tid)
+                seeded.update(orphans)
+                deadline = None
+                continue
             time.sleep(min(heartbeat, 5))
     for p in procs:
         p.wait()

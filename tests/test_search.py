@@ -133,6 +133,25 @@ def test_kill_9_then_restart_completes(tiny_dir, tmp_path):
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
 
 
+def test_trial_taken_but_never_beating_is_run_again(tiny_dir, tmp_path):
+    """A worker killed between taking a trial and its first heartbeat: the restart still runs it."""
+    url = f"sqlite:///{tmp_path}/o.db"
+    argv = search_argv(tiny_dir, url, "o", 4, "--heartbeat", "1")
+    assert main(argv) == 0
+    st = load_study(url, "o")
+    params = st.trials[1].params
+    st.enqueue_trial(params)
+    orphan = st.ask()  # RUNNING, no heartbeat: what a kill -9 inside Optuna's ask() leaves
+    assert st.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
+    assert main(argv) == 0
+    st = load_study(url, "o")
+    assert st.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in st.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == params and retried[0].values == st.trials[1].values
+    assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
 def test_two_workers_on_postgresql(tiny_dir, postgres_url):
     argv = search_argv(tiny_dir, postgres_url, "pg", 20, "--workers", "2", "--heartbeat", "5")
     assert main(argv) == 0
