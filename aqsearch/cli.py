@@ -16,14 +16,22 @@ class _Parser(argparse.ArgumentParser):
         raise AqError(f"{self.prog.split()[-1]}: {message}")
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else 'zero or more'}, got {v}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _nonneg_int(text: str) -> int:
+    return _whole(text, 0)
 
 
 def _add_model(p: argparse.ArgumentParser, default: str | None = "smollm2-135m") -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from aqsearch.cli import _add_model, _emit, _positive_int, resolve_device
+from aqsearch.cli import _add_model, _emit, _nonneg_int, _positive_int, resolve_device
 
 
 def _add_study(p) -> None:
@@ -38,6 +38,8 @@ def register(sub) -> dict:
     p.add_argument("--warm-start", action="append", default=[], help="plan JSON to enqueue (repeatable)")
     p.add_argument("--warm-start-study", default=None, help="enqueue the finished trials of this study")
     p.add_argument("--no-uniform", action="store_true", help="do not enqueue the uniform schemes")
+    p.add_argument("--warm-knapsack", type=_nonneg_int, default=4, metavar="N",
+                   help="enqueue the knapsack allocation at N budgets up to the limit first (0: none)")
     p.add_argument("--heartbeat", type=_positive_int, default=30, help="seconds between heartbeats (RDB storages)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set for the processes it starts
 
@@ -74,7 +76,7 @@ def cmd_search(args) -> int:
                        kernel_only=args.kernel_schemes, sampler=args.sampler, seed=args.seed,
                        eval_tokens=args.eval_tokens, seqlen=args.seqlen, calib_windows=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, train=args.train, steps=args.steps, prune=not args.no_prune,
-                       warm_uniform=not args.no_uniform)
+                       warm_uniform=not args.no_uniform, warm_knapsack=args.warm_knapsack)
     argv = [a for a in sys.argv[1:] if a != "--worker"]
     run_study(loaded, args.budget, args.trials, args.storage, args.study, s, args.calib_data, device,
               args.warm_start, args.warm_start_study, args.workers, args.worker, argv, args.heartbeat,

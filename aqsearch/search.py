@@ -69,6 +69,7 @@ class SearchSettings:
     steps: int = 40
     prune: bool = True
     warm_uniform: bool = True
+    warm_knapsack: int = 4  # knapsack allocations enqueued first, at this many budgets up to the limit
     unit_cache: bool = True  # trained units in files shared by workers and runs (off: this process only)
 
 
@@ -204,6 +205,24 @@ def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.Froze
     return out
 
 
+def knapsack_starts(space: Space, trainer, limit: int, n: int) -> list[tuple[str, dict]]:
+    """The knapsack allocation (:mod:`aqsearch.knapsack`) at ``n`` budgets spread evenly from just above
+    the space's smallest size to ``limit``: the baseline the search has to beat, so its starting point."""
+    from aqsearch.knapsack import knapsack_plan, unit_errors
+
+    if n <= 0:
+        return []
+    errors = unit_errors(space, trainer)
+    low = space.bytes(space.extreme(smallest=True))
+    out = []
+    for k in range(n, 0, -1):
+        b = low + (limit - low) * k // n
+        params = knapsack_plan(space, errors, b)
+        if params is not None and all(params != p for _, p in out):
+            out.append((f"knapsack {8 * b / space.weights:.2f} bpw", params))
+    return out
+
+
 def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_name: str, settings: SearchSettings,
               calib: str | None = None, device: str = "cpu", warm_plans: list[str] = (), warm_study: str | None = None,
               workers: int = 1, worker: bool = False, argv: list[str] | None = None, heartbeat: int = 30,
@@ -229,29 +248,35 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
         study.set_user_attr("aqsearch", {"model": loaded.name, "fingerprint": loaded.fingerprint,
                                          "budget_bytes": limit, "weights": space.weights,
                                          "settings": asdict(settings), "units": len(space.units)})
-        earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
-        _queue(study, space, trials, warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
-    procs = []
-    if workers > 1 and not worker:
-        for k in range(1, workers):
-            env = dict(os.environ, AQSEARCH_WORKER=str(k))
-            procs.append(subprocess.Popen([sys.executable, "-m", "aqsearch", *(argv or []), "--worker"], env=env))
-    # the same split of the calibration text for every worker: the first part trains, the rest scores
-    n_cal = settings.calib_windows if settings.train else 0  # windows to train units on
+    fresh = not worker and not [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+    # the same split of the calibration text for every worker: the first part trains (and measures the
+    # knapsack's unit errors), the rest scores
+    n_cal = settings.calib_windows if settings.train or (fresh and settings.warm_knapsack) else 0
     cal, ev = calib_eval_sets(loaded, calib, calib, calib_windows=n_cal, calib_seqlen=settings.calib_seqlen,
                               eval_tokens=settings.eval_tokens, seqlen=settings.seqlen,
                               split=0.5 if calib else None)
-    batch = 8 if device.startswith("cuda") else 1
-    ref = build_reference(loaded.model, ev, batch_size=batch, cache_key=loaded.fingerprint)
     trainer = None
-    if settings.train:
+    if n_cal:
         from aqsearch.training import TrainSettings
         from aqsearch.unittrain import UnitTrainer
 
         trainer = UnitTrainer(loaded.model, cal, TrainSettings(steps=settings.steps, batch=8, seed=settings.seed),
                               key=loaded.fingerprint, cache=settings.unit_cache)
-        if not worker and trainer.folder is not None:
+        if settings.train and not worker and trainer.folder is not None:
             study.set_user_attr("unit_cache", str(trainer.folder))
+    if fresh:
+        earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
+        warm = knapsack_starts(space, trainer, limit, settings.warm_knapsack) if trainer is not None else []
+        _queue(study, space, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
+    if not settings.train:
+        trainer = None  # a trial only scores round-to-nearest
+    procs = []
+    if workers > 1 and not worker:
+        for k in range(1, workers):
+            env = dict(os.environ, AQSEARCH_WORKER=str(k))
+            procs.append(subprocess.Popen([sys.executable, "-m", "aqsearch", *(argv or []), "--worker"], env=env))
+    batch = 8 if device.startswith("cuda") else 1
+    ref = build_reference(loaded.model, ev, batch_size=batch, cache_key=loaded.fingerprint)
     obj = Objective(loaded, space, ref, limit, settings, batch, trainer, regressor)
 
     def stop_when_queue_empty(study, _trial):

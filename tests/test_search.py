@@ -71,6 +71,20 @@ def test_front_is_non_dominated_and_warm_started(study, capsys):
     assert {"kl_p99", "top1", "ppl_ratio", "plan"} <= set(t.user_attrs) and t.system_attrs["constraints"]
 
 
+def test_knapsack_allocations_start_the_study(study):
+    url, _ = study
+    st = load_study(url, "s")
+    info = st.user_attrs["aqsearch"]
+    seeds = sorted((float(t.user_attrs["warm_start"].split()[1]), t) for t in st.trials
+                   if t.user_attrs.get("warm_start", "").startswith("knapsack"))
+    assert len(seeds) >= 2 and seeds[-1][0] == pytest.approx(8 * info["budget_bytes"] / info["weights"], abs=0.01)
+    assert [t.number for _, t in seeds] == sorted(t.number for _, t in seeds)[::-1]  # the largest budget first
+    for bpw, t in seeds:  # each allocation fits the budget it was solved for (its label rounds to 0.01 bpw)
+        assert t.values[1] <= (bpw + 0.005) / 8 * info["weights"] and t.system_attrs["constraints"][0] <= 0
+    sizes = [t.values[1] for _, t in seeds]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+
 def test_pick_by_budget(study, tmp_path, capsys):
     url, _ = study
     front = pareto_front(url, "s")
