@@ -26,7 +26,8 @@ def register(sub) -> dict:
     p.add_argument("--untie", action="store_true", help="every Linear its own unit (q/k/v, gate/up not tied)")
     p.add_argument("--embeddings", action="store_true", help="the token embedding and LM head as units too")
     p.add_argument("--kernel-schemes", action="store_true", help="only schemes the Triton kernels run")
-    p.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
+    p.add_argument("--sampler", choices=("local", "tpe", "nsga2"), default="local")
+    p.add_argument("--population", type=_positive_int, default=30, help="NSGA-II's generation size")
     p.add_argument("--calib-data", default=None, help="text file or hf:... (default: model samples); split in two")
     p.add_argument("--eval-tokens", type=_positive_int, default=4096, help="held-out tokens a trial is scored on")
     p.add_argument("--seqlen", type=_positive_int, default=512)
@@ -73,7 +74,7 @@ def cmd_search(args) -> int:
         device = f"cuda:{k % torch.cuda.device_count()}"
     loaded = load_model(args.model, device=device)
     s = SearchSettings(granularity=args.granularity, tie=not args.untie, embeddings=args.embeddings,
-                       kernel_only=args.kernel_schemes, sampler=args.sampler, seed=args.seed,
+                       kernel_only=args.kernel_schemes, sampler=args.sampler, population=args.population, seed=args.seed,
                        eval_tokens=args.eval_tokens, seqlen=args.seqlen, calib_windows=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, train=args.train, steps=args.steps, prune=not args.no_prune,
                        warm_uniform=not args.no_uniform, warm_knapsack=args.warm_knapsack)

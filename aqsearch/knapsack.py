@@ -52,12 +52,17 @@ def solve(options: list[list[tuple[float, int]]], budget: int, quantum: int = 40
 
 def unit_errors(space: Space, trainer) -> dict[str, dict[str, float]]:
     """Error each decoder unit adds at every scheme of its choices (round-to-nearest)."""
+    from aqsearch.capture import progress
+
+    units = [u for u in space.units if u.block >= 0]
     out = {}
-    for u in space.units:
-        if u.block < 0:
-            continue
-        suffixes = tuple(n.split(".", 3)[-1] for n in u.layers)
-        out[u.name] = {c: trainer.rtn_delta(u.block, suffixes, u.name, c) for c in u.choices}
+    with progress(sum(len(u.choices) for u in units), "knapsack: unit errors", unit="scheme") as bar:
+        for u in units:
+            suffixes = tuple(n.split(".", 3)[-1] for n in u.layers)
+            out[u.name] = {}
+            for c in u.choices:
+                out[u.name][c] = trainer.rtn_delta(u.block, suffixes, u.name, c)
+                bar.update(1)
     return out
 
 

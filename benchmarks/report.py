@@ -100,26 +100,35 @@ def decode_table() -> str:
 def search_table() -> str:
     recs = read_results(RESULTS / "search.jsonl")
     out = []
-    for r in [r for r in recs if r["bench"] == "search-study"][-1:]:
-        st = r["settings"]
-        out.append(f"Study `{r['study']}` on {r['env']['machine']}: {r['trials']} trials, {st['granularity']} units, "
-                   f"{st['sampler']} (seed {st['seed']}), scored on {st['eval_tokens']:,} held-out validation tokens, "
-                   f"{'trained units' if st['train'] else 'round-to-nearest'}; {len(r['front'])} front points, "
-                   f"final hypervolume {r['hypervolume'][-1]:.3f}, {r['seconds']:.0f} s.")
-    for r in [r for r in recs if r["bench"] == "search-knapsack"][-1:]:
-        out += ["", "| budget | knapsack bytes | knapsack KL | front bytes | front KL (trial) | search lower |",
-                "|---|---:|---:|---:|---:|---|"]
-        for x in r["rows"]:
-            out.append(f"| {x['budget']} | {x['knapsack_bytes']:,} | {x['knapsack_kl']:.4f} | {x['front_bytes'] or 0:,} | "
-                       f"{x['front_kl'] or float('nan'):.4f} ({x['front_trial']}) | {'yes' if x['search_wins'] else 'no'} |")
-    for r in [r for r in recs if r["bench"] == "search-compare"][-1:]:
-        out += ["", "Scored on the WikiText-2 test set:", "",
-                "| kind | name / trial | bytes | bpw | KL mean | top-1 | ppl ratio | dominated by the front |",
-                "|---|---|---:|---:|---:|---:|---:|---|"]
-        for x in sorted(r["rows"], key=lambda x: (x["kind"], x["bytes"])):
-            dom = "" if x["kind"] == "front" else ("yes" if x.get("dominated_by_front") else "no")
-            out.append(f"| {x['kind']} | {x.get('name') or x.get('trial')} | {x['bytes']:,} | {x['bpw']:.3f} | "
-                       f"{x['kl_mean']:.4f} | {x['top1']:.3f} | {x['ppl_ratio']:.4f} | {dom} |")
+    studies = list(dict.fromkeys(r["study"] for r in recs if "study" in r))  # in order of first record
+    for name in studies:
+        last = {b: [r for r in recs if r.get("study") == name and r["bench"] == b][-1:]
+                for b in ("search-study", "search-knapsack", "search-compare")}
+        for r in last["search-study"]:
+            st = r["settings"]
+            seeds = f", knapsack allocations at {st['warm_knapsack']} budgets as first trials" if st.get("warm_knapsack") else ""
+            out += ["" if out else None, f"**Study `{name}`** on {r['env']['machine']}: {r['trials']} trials, "
+                    f"{st['granularity']} units, {st['sampler']} (seed {st['seed']}){seeds}, scored on "
+                    f"{st['eval_tokens']:,} held-out validation tokens, "
+                    f"{'trained units' if st['train'] else 'round-to-nearest'}; {len(r['front'])} front points, "
+                    f"final hypervolume {r['hypervolume'][-1]:.3f}, "
+                    + (f"{r['trial_seconds']:.0f} s in trials." if "trial_seconds" in r else f"{r['seconds']:.0f} s (last run).")]
+        for r in last["search-knapsack"]:
+            out += ["", f"Knapsack baseline (unit errors measured in {r['measure_seconds']:.0f} s), scored like the trials:",
+                    "", "| budget | knapsack bytes | knapsack KL | front bytes | front KL (trial) | search lower |",
+                    "|---|---:|---:|---:|---:|---|"]
+            for x in r["rows"]:
+                out.append(f"| {x['budget']} | {x['knapsack_bytes']:,} | {x['knapsack_kl']:.4f} | {x['front_bytes'] or 0:,} | "
+                           f"{x['front_kl'] or float('nan'):.4f} ({x['front_trial']}) | {'yes' if x['search_wins'] else 'no'} |")
+        for r in last["search-compare"]:
+            out += ["", "Scored on the WikiText-2 test set:", "",
+                    "| kind | name / trial | bytes | bpw | KL mean | top-1 | ppl ratio | dominated by the front |",
+                    "|---|---|---:|---:|---:|---:|---:|---|"]
+            for x in sorted(r["rows"], key=lambda x: (x["kind"], x["bytes"])):
+                dom = "" if x["kind"] == "front" else ("yes" if x.get("dominated_by_front") else "no")
+                out.append(f"| {x['kind']} | {x.get('name') or x.get('trial')} | {x['bytes']:,} | {x['bpw']:.3f} | "
+                           f"{x['kl_mean']:.4f} | {x['top1']:.3f} | {x['ppl_ratio']:.4f} | {dom} |")
+    out = [x for x in out if x is not None]
     for r in [r for r in recs if r["bench"] == "search-pruning"][-1:]:
         on, off = r["prune_on"], r["prune_off"]
         out += ["", f"Pruning on against off ({r['trials']} trials each, same seed, {r['env']['machine']}): training steps "

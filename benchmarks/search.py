@@ -49,7 +49,8 @@ def common(ap) -> None:
 def settings(args, **kw):
     from aqsearch.search import SearchSettings
 
-    base = dict(granularity=args.granularity, eval_tokens=args.eval_tokens, seqlen=args.seqlen,
+    base = dict(granularity=args.granularity, sampler=args.sampler, population=args.population,
+                eval_tokens=args.eval_tokens, seqlen=args.seqlen,
                 calib_windows=args.calib_samples, calib_seqlen=args.calib_seqlen, steps=args.steps, seed=args.seed)
     base.update(kw)
     return SearchSettings(**base)
@@ -73,7 +74,8 @@ def cmd_study(args) -> None:
                 args.study, "--budget", args.budget, "--trials", str(args.trials), "--seed", str(args.seed),
                 "--calib-data", calib_file(args), "--eval-tokens", str(args.eval_tokens), "--seqlen", str(args.seqlen),
                 "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-                "--steps", str(args.steps), "--granularity", args.granularity]
+                "--steps", str(args.steps), "--granularity", args.granularity, "--sampler", args.sampler,
+                "--population", str(args.population)]
         argv += ["--train"] if args.train else []
         argv += ["--no-prune"] if args.no_prune else []
     run_study(loaded, args.budget, args.trials, args.storage, args.study, s, calib_file(args), args.device,
@@ -83,8 +85,17 @@ def cmd_study(args) -> None:
     append_result(args.out, {"bench": "search-study", "study": args.study, "trials": args.trials,
                              "workers": args.workers, "settings": s.__dict__, "budget": args.budget,
                              "seconds": time.time() - t0, "front": front, "hypervolume": hv,
-                             "train_steps": _steps(args.storage, args.study)})
+                             "train_steps": _steps(args.storage, args.study),
+                             "trial_seconds": _trial_seconds(args.storage, args.study)})
     print(f"{len(front)} front points, hypervolume {hv[-1]:.4f}, {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+def _trial_seconds(storage, study_name) -> float:
+    """Seconds the finished trials ran, summed (a resumed study's run time counts only its last part)."""
+    from aqsearch.search import load_study
+
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in load_study(storage, study_name).trials
+               if t.datetime_complete and t.datetime_start)
 
 
 def _steps(storage, study_name) -> dict:
@@ -177,6 +188,7 @@ def cmd_knapsack(args) -> None:
 def cmd_compare(args) -> None:
     """Front points, uniform schemes and progressive plans, all scored on the WikiText-2 test set."""
     from aqsearch.config import Plan, all_schemes
+    from aqsearch.memory import plan_bytes
     from aqsearch.quality import evaluate
     from aqsearch.search import load_study, pareto_front
     from aqsearch.weights import load_plan
@@ -189,8 +201,8 @@ def cmd_compare(args) -> None:
         plan = Plan.from_layers(json.loads(st.trials[p["trial"]].user_attrs["plan"]))
         rows.append({"kind": "front", "trial": p["trial"], **evaluate(loaded.model, ref, plan, batch_size=bs).to_json()})
     for s in all_schemes():
-        m = evaluate(loaded.model, ref, Plan.uniform(s), batch_size=bs)
-        if m.bytes <= limit:
+        if plan_bytes(loaded.model, Plan.uniform(s)).bytes <= limit:  # only the schemes that fit are scored
+            m = evaluate(loaded.model, ref, Plan.uniform(s), batch_size=bs)
             rows.append({"kind": "uniform", "name": str(s), **m.to_json()})
     for path in args.plans:
         plan, wfn = load_plan(path)
@@ -250,6 +262,8 @@ def main() -> None:
         p.add_argument("--workers", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--granularity", default="layer")
+        p.add_argument("--sampler", default="local")
+        p.add_argument("--population", type=int, default=30)
         p.add_argument("--train", action="store_true")
         p.add_argument("--no-prune", action="store_true")
         p.add_argument("--warm-start", nargs="*", default=[])

@@ -20,7 +20,7 @@ STORAGE = "journal:///tmp/smollm2-full.journal"
 STUDY = "smollm2-full"
 TRIALS = 200
 WORKERS = 8
-SETTINGS = SearchSettings(granularity="layer", sampler="tpe", seed=0, eval_tokens=32768, seqlen=2048,
+SETTINGS = SearchSettings(granularity="layer", sampler="local", seed=0, eval_tokens=32768, seqlen=2048,
                           calib_windows=32, calib_seqlen=256, train=True, steps=40, prune=True)
 
 if __name__ == "__main__":

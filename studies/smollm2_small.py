@@ -17,7 +17,7 @@ GATES = None  # the search has no gates: it maps the whole trade-off
 STORAGE = f"sqlite:///{HERE / 'smollm2-small.db'}"
 STUDY = "smollm2-small"
 TRIALS = 60
-SETTINGS = SearchSettings(granularity="layer", sampler="tpe", seed=0, eval_tokens=2048, seqlen=256)
+SETTINGS = SearchSettings(granularity="layer", sampler="local", seed=0, eval_tokens=2048, seqlen=256)
 
 if __name__ == "__main__":
     run_study(load_model(MODEL), BUDGET, TRIALS, STORAGE, STUDY, SETTINGS, str(DATA) if DATA.exists() else None)

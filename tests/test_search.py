@@ -85,6 +85,31 @@ def test_knapsack_allocations_start_the_study(study):
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
 
 
+def test_feasible_front_by_hand():
+    from aqsearch.sampler import feasible_front, scheme_cost
+
+    def t(kl, b, c):
+        return optuna.trial.create_trial(values=[kl, b], system_attrs={"constraints": [c]})
+    trials = [t(0.1, 100, 0), t(0.2, 90, 0), t(0.3, 95, 0), t(0.05, 200, 1), t(0.1, 100, 0)]
+    assert [(x.values[0], x.values[1]) for x in feasible_front(trials)] == [(0.1, 100), (0.2, 90), (0.1, 100)]
+    assert scheme_cost("w4g64") == 4.5 and scheme_cost("w4g64s") == 4.25 and scheme_cost("fp16") == 16
+
+
+def test_local_sampler_moves_a_few_units_from_the_front(tiny_dir, tmp_path):
+    url = f"sqlite:///{tmp_path}/l.db"
+    assert main(search_argv(tiny_dir, url, "l", 26, "--sampler", "local")) == 0
+    st = load_study(url, "l")
+    done = st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 26
+    sampled = [t for t in done if "warm_start" not in t.user_attrs]
+    assert len(sampled) >= 5
+    for t in sampled:  # at most three moves of at most two units each, from an earlier finished trial
+        earlier = [e for e in done if e.number < t.number]
+        assert min(sum(e.params[k] != v for k, v in t.params.items()) for e in earlier) <= 6
+    keys = [tuple(sorted(t.params.items())) for t in sampled]
+    assert len(set(keys)) == len(keys)  # no sampled trial repeats another
+
+
 def test_pick_by_budget(study, tmp_path, capsys):
     url, _ = study
     front = pareto_front(url, "s")
