@@ -187,11 +187,9 @@ class Objective:
         return evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), trained_weight_fn(tensors), self.batch)
 
 
-def _queue(study: optuna.Study, space: Space, trials: int, warm: list[tuple[str, dict]]) -> None:
-    """Warm starts first, then blank trials, until the study holds ``trials`` (failed ones not counted)."""
-    existing = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
-    if existing:
-        return  # a study continues with the queue it has
+def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> None:
+    """Warm starts first, then blank trials, ``trials`` in all (for a fresh study; one that holds trials
+    continues with the queue it has)."""
     for label, params in warm[:trials]:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
     for _ in range(trials - min(len(warm), trials)):
@@ -274,7 +272,7 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     if fresh:
         earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
         warm = knapsack_starts(space, trainer, limit, settings.warm_knapsack) if trainer is not None else []
-        _queue(study, space, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
+        _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
     if not settings.train:
         trainer = None  # a trial only scores round-to-nearest
     procs = []
