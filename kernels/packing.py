@@ -9,8 +9,17 @@ Layout (the one ``aqsearch.memory.code_words`` counts, FIELD-NOTES' common layou
   by a 1-bit plane (the high bit, 32 a word, ``ceil(K / 32)`` rows), stacked along dim 0. Exactly
   3 bits a weight whenever 32 divides K, and every group of 32 or more starts on a word.
 
-Scales and zeros are stored transposed to ``(groups, N)`` fp16 so that the kernels read them with N
-contiguous; symmetric schemes store no zeros (the zero is the middle code ``2 ** (bits - 1)``).
+Scales are stored transposed to ``(groups, N)`` fp16 so that the kernels read them with N contiguous.
+Zeros come in two formats, told apart by dtype:
+
+- integer (the default, the layout of GPTQ, AWQ and AutoRound checkpoints): each group row's N zeros
+  packed along N with the codes' word layout, int32 ``(groups, zero_words(N, bits))``: word ``w`` of
+  group row ``r`` holds the zeros of columns ``n = w * per_word + j`` at bits ``[j * bits, (j + 1) * bits)``;
+  3 bits as a 2-bit plane (``ceil(N / 16)`` words) then a 1-bit plane (``ceil(N / 32)`` words). Exactly
+  ``bits`` bits a zero whenever 32 divides N (every real model); see :func:`pack_zeros`.
+- float: fp16 ``(groups, N)`` (the ``f`` schemes, HQQ-style).
+
+Symmetric schemes store no zeros (the zero is the middle code ``2 ** (bits - 1)``).
 
 >>> import torch
 >>> codes = torch.tensor([[1, 2, 3, 0, 1]], dtype=torch.uint8)  # N = 1, K = 5
@@ -97,6 +106,35 @@ def unpack_kn(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return _unpack_plane(packed, bits, k)
 
 
+def zero_words(n: int, bits: int) -> int:
+    """int32 words holding one group row of ``n`` packed integer zeros (the codes' formula along N)."""
+    return code_words(n, bits)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zeros ``[G, N]`` (each < 2**bits) -> int32 ``[G, zero_words(N, bits)]``, packed along N.
+
+    >>> pack_zeros(torch.tensor([[1, 2, 3, 0, 1]]), 2).tolist()
+    [[313]]
+    >>> unpack_zeros(pack_zeros(torch.tensor([[1, 2, 3, 0, 1]]), 2), 2, 5).tolist()
+    [[1, 2, 3, 0, 1]]
+    """
+    if zeros.is_floating_point() and not torch.equal(zeros, zeros.round()):
+        raise ValueError("integer zeros expected: a zero is not a whole number")
+    if zeros.numel() and (int(zeros.min()) < 0):
+        raise ValueError("a zero is negative")
+    return pack(zeros.to(torch.uint8) if zeros.numel() else zeros.to(torch.uint8), bits).t().contiguous()
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zeros`: int32 ``[G, zero_words(N, bits)]`` -> ``uint8 [G, N]``."""
+    _check_bits(bits)
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != zero_words(n, bits):
+        raise ValueError(f"packed zeros must be int32 [G, {zero_words(n, bits)}] for N={n}, bits={bits}; "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    return unpack_kn(packed.t(), bits, n).t()
+
+
 def effective_group(group: int | None, k: int) -> int:
     """Group size the kernels use: ``group``, or for per-channel (``None``) a power of two >= K.
 
@@ -111,7 +149,7 @@ def effective_group(group: int | None, k: int) -> int:
 
 
 def storage_bytes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
-    """Bytes of a packed layer as stored: codes + fp16 scales (+ fp16 zeros)."""
+    """Bytes of a packed layer as stored: codes + fp16 scales (+ packed int32 or fp16 zeros)."""
     total = qweight.numel() * qweight.element_size() + scales.numel() * scales.element_size()
     if zeros is not None:
         total += zeros.numel() * zeros.element_size()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .packing import effective_group, unpack_kn
+from .packing import effective_group, unpack_kn, unpack_zeros
 
 
 def dequantize_kn(
@@ -39,7 +39,12 @@ def dequantize_kn(
     full = torch.zeros(n_g * g, n, dtype=torch.float32, device=qweight.device)
     full[:k] = codes
     s = scales.float().unsqueeze(1)  # [G, 1, N]
-    z = float(1 << (bits - 1)) if zeros is None else zeros.float().unsqueeze(1)
+    if zeros is None:  # symmetric: the middle code
+        z = float(1 << (bits - 1))
+    elif zeros.dtype == torch.int32:  # integer zeros packed along N
+        z = unpack_zeros(zeros, bits, n).float().unsqueeze(1)
+    else:  # fp16 zeros
+        z = zeros.float().unsqueeze(1)
     w = (full.view(n_g, g, n) - z) * s  # (q - z) * s in fp32, exact before the one rounding below
     return w.view(n_g * g, n)[:k].to(dtype)
 
@@ -53,8 +58,9 @@ def dequantize(
     k: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Weight ``[N, K]`` (contiguous) in ``dtype`` from int32 ``qweight [words, N]``, ``scales``/``zeros``
-    ``(G, N)``. ``zeros=None`` means symmetric: the zero is ``2 ** (bits - 1)``."""
+    """Weight ``[N, K]`` (contiguous) in ``dtype`` from int32 ``qweight [words, N]``, fp16 ``scales (G, N)``
+    and ``zeros``: int32 ``(G, zero_words(N, bits))`` packed integers, fp16 ``(G, N)``, or ``None`` for
+    symmetric (the zero is ``2 ** (bits - 1)``)."""
     return dequantize_kn(qweight, scales, zeros, bits, group, k, dtype).t().contiguous()
 
 
