@@ -64,6 +64,9 @@ def quantized(
 ) -> Iterator[dict[str, QuantScheme | None]]:
     """Swap in the plan's dequantized weights; restore the originals on exit (even on error)."""
     layers = decoder_layers(model) if layers is None else layers
+    from aqsearch.artifact import check_governed
+
+    check_governed(plan, (l.name for l in layers))  # an entry it cannot honour is an error, not dropped
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
     resolved: dict[str, QuantScheme | None] = {}
     try:

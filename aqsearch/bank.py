@@ -464,4 +464,21 @@ def knapsack_choice(bank: Bank, budget: int, quantum: int = 4096) -> dict[str, s
     return None if picks is None else {u.name: m[j].scheme for u, m, j in zip(bank.units, menus, picks)}
 
 
-__all__ = ["MENU", "Bank", "BankSettings", "Candidate", "FpStream", "compose", "dominated", "knapsack_choice"]
+def stored_tensors(bank_dir: str | os.PathLike, pairs) -> dict[str, QTensor]:
+    """Trained tensors of finished candidates ``[(unit, scheme), ...]`` read from a bank's folder alone."""
+    from aqsearch.weights import load_qtensors
+
+    out: dict[str, QTensor] = {}
+    for unit, scheme in pairs:
+        p = Path(bank_dir) / f"{unit}.{scheme}.json"
+        if not p.exists():
+            raise AqError(f"bank {bank_dir} has no candidate {unit} {scheme}")
+        c = json.loads(p.read_text())
+        if c["status"] != "finished":
+            raise AqError(f"bank candidate {unit} {scheme} was stopped by the race and never finished")
+        if c.get("weights"):
+            out.update(load_qtensors(Path(bank_dir) / c["weights"]))
+    return out
+
+
+__all__ = ["stored_tensors", "MENU", "Bank", "BankSettings", "Candidate", "FpStream", "compose", "dominated", "knapsack_choice"]

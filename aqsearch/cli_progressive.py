@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from aqsearch.cli import _add_data, _add_model, _emit, _positive_int, resolve_device
+from aqsearch.artifact import write_plan
 from aqsearch.errors import AqError
 
 
@@ -72,19 +73,6 @@ def cmd_progressive(args) -> int:
           + f"\ntraining steps {res['train_steps']:,} of {res['train_steps_without_early_stop']:,}; {res['tries']} tries; "
           f"{res['seconds']:.0f} s")
     return 0
-
-
-def write_plan(out: str, res: dict, trained: dict, save_qtensors) -> None:
-    """Plan JSON plus, when blocks were trained, its weights file beside it."""
-    from pathlib import Path
-
-    from aqsearch.config import Plan
-
-    extra = {"bytes": res["bytes"], "bpw": res["bpw"], "measurement": res.get("measurement")}
-    if trained:
-        wpath = Path(out).with_suffix(".weights.safetensors")
-        extra["weights"] = {"file": wpath.name, "sha256": save_qtensors(wpath, trained)}
-    Plan.from_json(res["plan"]).save(out, extra)
 
 
 def cmd_replay(args) -> int:

@@ -109,7 +109,7 @@ def cmd_front(args) -> int:
 
 
 def cmd_pick(args) -> int:
-    from aqsearch.cli_progressive import write_plan
+    from aqsearch.artifact import write_plan
     from aqsearch.search import pick
     from aqsearch.weights import save_qtensors
 

@@ -2,7 +2,7 @@
 total error within a budget by dynamic programming (as ExLlamaV2 and AutoRound's AutoScheme do).
 
 A unit's error at a scheme is the held-out error it adds to its block when it alone is quantized,
-on the full-precision stream (:class:`aqsearch.unittrain.UnitTrainer` measures it). Errors are assumed
+on the full-precision stream (a :class:`aqsearch.bank.Candidate`: round-to-nearest or trained). Errors are assumed
 to add up; the search exists because they do not quite.
 
 >>> import numpy as np
@@ -48,22 +48,6 @@ def solve(options: list[list[tuple[float, int]]], budget: int, quantum: int = 40
         picks.append(j)
         end -= -(-options[u][j][1] // quantum)
     return picks[::-1]
-
-
-def unit_errors(space: Space, trainer) -> dict[str, dict[str, float]]:
-    """Error each decoder unit adds at every scheme of its choices (round-to-nearest)."""
-    from aqsearch.capture import progress
-
-    units = [u for u in space.units if u.block >= 0]
-    out = {}
-    with progress(sum(len(u.choices) for u in units), "knapsack: unit errors", unit="scheme") as bar:
-        for u in units:
-            suffixes = tuple(n.split(".", 3)[-1] for n in u.layers)
-            out[u.name] = {}
-            for c in u.choices:
-                out[u.name][c] = trainer.rtn_delta(u.block, suffixes, u.name, c)
-                bar.update(1)
-    return out
 
 
 def knapsack_plan(space: Space, errors: dict[str, dict[str, float]], budget: int, quantum: int = 4096) -> dict[str, str] | None:

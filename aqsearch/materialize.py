@@ -59,6 +59,9 @@ def materialize(model: nn.Module, plan: Plan, dtype: torch.dtype = torch.float16
     ``QuantLinear``: from ``qtensors[name]`` (trained codes, scales and zeros) where given with the
     plan's scheme, else round-to-nearest with the reference quantizer from the current weights in
     fp32. Then cast the rest of the model to ``dtype``. In place; returns the resolved plan."""
+    from aqsearch.artifact import check_governed
+
+    check_governed(plan, (l.name for l in decoder_layers(model)))
     resolved: dict[str, QuantScheme | None] = {}
     qtensors = qtensors or {}
     with torch.no_grad():

@@ -6,6 +6,13 @@ optimistic predicted final held-out loss is not at least ``min_gain`` below its 
 the end of its prefix: 8-bit blocks, for instance, have nothing to gain. The same function trains
 uniform plans, which is the baseline the engine is measured against.
 
+``init`` starts blocks from given trained tensors (the bank's candidates, trained on the
+full-precision stream) instead of from the full-precision weights: the block is trained as a copy
+whose Linears hold the dequantized ``init`` weights, so the learned offsets move codes around the
+bank's solution, still towards the full-precision block's outputs, now on the quantized prefix's
+outputs. Step 0 of such a run is (up to the rounding of an already-quantized grid) the bank's
+weights, and the best held-out checkpoint is kept: polishing never makes a block worse there.
+
 Each block's result goes to the journal (``polish`` records, weights in the journal's folder), so
 that a resumed run keeps the blocks already trained.
 
@@ -14,6 +21,7 @@ that a resumed run keeps the blocks already trained.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -38,6 +46,7 @@ def polish(
     min_gain: float = 0.1,
     journal: Journal | None = None,
     desc: str = "training blocks",
+    init: dict[str, QTensor] | None = None,
 ) -> tuple[dict[str, QTensor], dict]:
     """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas)."""
     t0 = time.time()
@@ -68,12 +77,13 @@ def polish(
                 stats["steps_full"] += done[i]["steps_full"]
             elif schemes:
                 floor = rel_error(acts, blk, {}, y_fp, held)
-                rtn = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
-                before = rel_error(acts, blk, rtn, y_fp, held)
+                start = _start_block(blk, i, schemes, init or {})
+                rtn = {f"{sfx}.weight": fake_quantize(start.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
+                before = rel_error(acts, start, rtn, y_fp, held)
                 goal = floor + (1.0 - min_gain) * (before - floor)
                 preds: list = []
                 stop = early_stopper(regressor, goal, preds) if regressor is not None else None
-                q, curve = train_block(blk, schemes, acts, y_fp, train_idx, held, settings, floor=floor,
+                q, curve = train_block(start, schemes, acts, y_fp, train_idx, held, settings, floor=floor,
                                        should_stop=stop, tag=f"polish block {i}")
                 if regressor is not None and curve.stopped is None:
                     regressor.refit([curve])
@@ -98,3 +108,15 @@ def polish(
     return out, stats
 
 
+def _start_block(blk, i: int, schemes: dict, init: dict[str, QTensor]):
+    """``blk`` itself, or a copy holding the dequantized ``init`` tensors of its layers (same scheme)."""
+    start = {sfx: q for sfx, s in schemes.items() if (q := init.get(f"model.layers.{i}.{sfx}")) is not None
+             and q.scheme == s}
+    if not start:
+        return blk
+    out = copy.deepcopy(blk)
+    with torch.no_grad():
+        for sfx, q in start.items():
+            w = out.get_submodule(sfx).weight
+            w.copy_(dequantize(q).to(w.device, w.dtype))
+    return out

@@ -4,11 +4,13 @@ This module and its sampler (:mod:`aqsearch.sampler`) are the only ones that imp
 picks one scheme per unit of the :class:`~aqsearch.space.Space`, is scored on held-out windows (KL mean,
 with perplexity ratio, top-1 and KL p99 stored beside it) and counts its exact bytes; ``bytes - budget``
 is its constraint (``Trial.set_constraint``, mirrored into the ``constraints`` system attribute that
-optuna-dashboard reads). With ``train=True`` a trial also trains the units it uses
-(:mod:`aqsearch.unittrain`): it runs the prefixes of the units no earlier trial trained, asks the
-learning-curve regressor for their final losses, and is pruned when even its optimistic trained KL is
-dominated by a finished trial of no more bytes (the prediction is kept on the trial); otherwise it
-finishes them and is scored trained.
+optuna-dashboard reads). With ``train=True`` a trial composes trained candidates of the bank
+(:mod:`aqsearch.bank`, built and raced before the first trial) and costs one held-out evaluation; no
+training happens inside a trial, except that a trial needing a candidate the race stopped is first
+judged by the regressor's optimistic prediction (its measured KL with that unit at round-to-nearest,
+scaled by the units' optimistic over round-to-nearest errors) and pruned when a finished trial of no
+more bytes beats it (``optuna.TrialPruned``; the prediction is in its user attributes, so
+optuna-dashboard shows it); otherwise the candidate is finished and the trial scored.
 
 Storage: SQLite by default (one process); any RDB URL (PostgreSQL) for several workers and machines;
 ``journal:///path`` for several processes on one host. RDB storages get heartbeats: a trial whose
@@ -34,7 +36,7 @@ import optuna
 from optuna.storages._heartbeat import is_heartbeat_enabled
 
 from aqsearch.apply import WeightCache
-from aqsearch.config import Budget, Plan
+from aqsearch.config import Budget, Plan, QuantScheme
 from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
 from aqsearch.quality import Measurement, build_reference, evaluate
@@ -72,7 +74,10 @@ class SearchSettings:
     prune: bool = True
     warm_uniform: bool = True
     warm_knapsack: int = 4  # knapsack allocations enqueued first, at this many budgets up to the limit
-    unit_cache: bool = True  # trained units in files shared by workers and runs (off: this process only)
+    unit_cache: bool = True  # the bank in the user cache folder, shared by workers, runs and studies
+    schemes: tuple[str, ...] | None = None  # the menu of every decoder unit (None: every scheme)
+    race: bool = True  # race the bank's candidates with the regressor
+    warm_budgets: tuple[int, ...] = ()  # knapsack starts at exactly these byte budgets (else spread evenly)
 
 
 def make_storage(url: str, heartbeat: int = 30):
@@ -114,14 +119,12 @@ def load_study(storage: str, name: str) -> optuna.Study:
 
 
 class Objective:
-    """Scores trials; holds the model, the held-out reference, and the caches of weights and units."""
+    """Scores trials; holds the model, the held-out reference, the weight cache and the bank."""
 
-    def __init__(self, loaded, space: Space, ref, limit: int, settings: SearchSettings, batch: int,
-                 trainer=None, regressor=None):
+    def __init__(self, loaded, space: Space, ref, limit: int, settings: SearchSettings, batch: int, bank=None):
         self.loaded, self.space, self.ref, self.limit, self.s = loaded, space, ref, limit, settings
-        self.batch, self.trainer, self.reg = batch, trainer, regressor
+        self.batch, self.bank = batch, bank
         self.weights = WeightCache()
-        self.new_curves: list = []
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         if "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
@@ -132,59 +135,48 @@ class Objective:
         nbytes = self.space.bytes(params)
         trial.set_constraint("memory", float(nbytes - self.limit))
         trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(nbytes - self.limit)])
-        m = evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), self.weights, self.batch)
-        trial.set_user_attr("rtn_kl_mean", m.kl_mean)
-        if self.trainer is not None:
-            m = self.train(trial, params, plan, m, nbytes)
+        if self.bank is not None:
+            m = self.scored_from_bank(trial, params, plan, nbytes)
+        else:
+            m = evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), self.weights, self.batch)
         for k in ("kl_p99", "kl_max", "top1", "ppl", "ppl_ref", "ppl_ratio", "bytes_total", "bpw"):
             trial.set_user_attr(k, getattr(m, k))
         trial.set_user_attr("plan", json.dumps(plan.to_json()["layers"]))
         return m.kl_mean, float(nbytes)
 
-    def train(self, trial, params, plan, m_rtn: Measurement, nbytes: int) -> Measurement:
-        from aqsearch.unittrain import optimistic_kl, prefix_steps
+    def _eval(self, plan: Plan, tensors: dict) -> Measurement:
+        return evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), trained_weight_fn(tensors), self.batch)
 
-        units = [u for u in self.space.units if params[u.name] != FULL and u.block >= 0]
-        rtn, known, runs, used = [], [], [], []
-        for u in units:
-            c = params[u.name]
-            suffixes = tuple(n.split(".", 3)[-1] for n in u.layers)
-            rtn.append(self.trainer.rtn_delta(u.block, suffixes, u.name, c))
-            if self.trainer.cached(u.name, c) is not None:
-                known.append(self.trainer.trained_delta.get((u.name, c), rtn[-1]))
-            else:
-                runs.append((u, c, self.trainer.start(u.block, suffixes, u.name, c)))
-            used.append((u.name, c))
-        pre = prefix_steps(self.trainer.s)
-        for _, _, r in runs:
-            r.advance(pre)
-        steps_full = len(runs) * self.trainer.s.steps
-        if self.s.prune and runs and self.reg is not None and self.reg.models:
-            preds = [self.reg.predict(r.curve, pre) for _, _, r in runs]
-            kl_opt = optimistic_kl(m_rtn.kl_mean, rtn, known, preds)
+    def scored_from_bank(self, trial, params: dict, plan: Plan, nbytes: int) -> Measurement:
+        """One held-out evaluation of the bank's candidates (a stopped one judged first, see the module)."""
+        bank = self.bank
+        cands = [bank.get(u.name, params[u.name]) for u in bank.units]
+        trial.set_user_attr("bank_candidates", [[c.unit, c.scheme] for c in cands])
+        stopped = [c for c in cands if not c.finished]
+        if stopped:
+            trial.set_user_attr("stopped_candidates", [[c.unit, c.scheme] for c in stopped])
+            tensors = {}
+            for c in cands:
+                if c.finished:
+                    tensors.update(bank.tensors(c))
+            m_mix = self._eval(plan, tensors)  # stopped units at round-to-nearest
+            known = sum(c.trained_error for c in cands if c.finished)
+            denom = known + sum(c.rtn_error for c in stopped)
+            kl_opt = m_mix.kl_mean * (known + sum(c.optimistic for c in stopped)) / denom if denom > 0 else m_mix.kl_mean
             trial.set_user_attr("predicted_kl_optimistic", kl_opt)
+            trial.set_user_attr("rtn_mix_kl_mean", m_mix.kl_mean)
             beaten_by = [t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                          if t.values and t.values[1] <= nbytes and t.values[0] <= kl_opt]
-            if beaten_by:
-                trial.set_user_attr("train_steps", sum(r.step for _, _, r in runs))
-                trial.set_user_attr("train_steps_full", steps_full)
-                trial.set_user_attr("pruned_because", f"optimistic trained KL {kl_opt:.4g} is dominated by trial {beaten_by[0]}")
+            if self.s.prune and beaten_by:
+                trial.set_user_attr("pruned_because", f"optimistic KL {kl_opt:.4g} (regressor) is dominated by "
+                                                      f"trial {beaten_by[0]}")
                 raise optuna.TrialPruned(f"dominated by trial {beaten_by[0]}")
-        for u, c, r in runs:
-            r.advance()
-            q, curve = r.finish()
-            self.trainer.store(u.block, u.name, c, q, curve)
-            self.new_curves.append(curve)
-        if self.reg is not None and len(self.new_curves) >= 16:  # refit as curves arrive
-            self.reg.refit(self.new_curves)
-            self.new_curves = []
-        trial.set_user_attr("train_steps", sum(r.step for _, _, r in runs))
-        trial.set_user_attr("train_steps_full", steps_full)
-        trial.set_user_attr("trained_units", used)
-        tensors = {}
-        for name, c in used:
-            tensors.update(self.trainer.cached(name, c))
-        return evaluate(self.loaded.model, self.ref, plan, list(self.space.layers), trained_weight_fn(tensors), self.batch)
+            trial.set_user_attr("finished_candidates", [[c.unit, c.scheme] for c in stopped])
+        from aqsearch.bank import compose
+
+        _, tensors = compose(bank, {u.name: params[u.name] for u in bank.units})  # finishes stopped ones
+        trial.set_user_attr("trained_units", [[c.unit, c.scheme] for c in cands])
+        return self._eval(plan, tensors)
 
 
 def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> None:
@@ -210,34 +202,40 @@ def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.Froze
     return out
 
 
-def knapsack_starts(space: Space, trainer, limit: int, n: int) -> list[tuple[str, dict]]:
-    """The knapsack allocation (:mod:`aqsearch.knapsack`) at ``n`` budgets spread evenly from just above
-    the space's smallest size to ``limit``: the baseline the search has to beat, so its starting point."""
-    from aqsearch.knapsack import knapsack_plan, unit_errors
+def knapsack_starts(space: Space, bank, limit: int, n: int, budgets: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
+    """The knapsack allocation over the bank's errors (:func:`aqsearch.bank.knapsack_choice`) at exactly
+    ``budgets`` (bytes), else at ``n`` budgets spread evenly from just above the space's smallest size to
+    ``limit``: the baseline the search has to beat, so its starting point."""
+    from aqsearch.bank import knapsack_choice
 
-    if n <= 0:
-        return []
-    errors = unit_errors(space, trainer)
     low = space.bytes(space.extreme(smallest=True))
+    if not budgets:
+        budgets = tuple(low + (limit - low) * k // n for k in range(n, 0, -1)) if n > 0 else ()
     out = []
-    for k in range(n, 0, -1):
-        b = low + (limit - low) * k // n
-        params = knapsack_plan(space, errors, b)
+    for b in budgets:
+        params = knapsack_choice(bank, b)
         if params is not None and all(params != p for _, p in out):
-            out.append((f"knapsack {8 * b / space.weights:.2f} bpw", params))
+            out.append((f"knapsack {8 * b / space.weights:.3f} bpw", params))
     return out
 
 
 def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_name: str, settings: SearchSettings,
               calib: str | None = None, device: str = "cpu", warm_plans: list[str] = (), warm_study: str | None = None,
               workers: int = 1, worker: bool = False, argv: list[str] | None = None, heartbeat: int = 30,
-              regressor=None) -> optuna.Study:
-    """Create or continue a study and run trials until its queue is empty. See the module docstring."""
+              regressor=None, bank=None, score=None) -> optuna.Study:
+    """Create or continue a study and run trials until its queue is empty. See the module docstring.
+
+    ``bank`` (a :class:`aqsearch.bank.Bank` over this space's units) and ``score`` (the windows trials
+    are scored on) replace the ones made from ``calib``."""
     from aqsearch.data import calib_eval_sets
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = build_space(loaded.model, settings.granularity, settings.tie, settings.embeddings,
                         settings.kernel_only, settings.sym)
+    if settings.schemes:
+        space = with_menu(space, settings.schemes)
+    if settings.train and not settings.tie:
+        raise AqError("a trained search needs tied units (the bank trains fused groups or blocks); drop --untie")
     limit = Budget.parse(budget).resolve(space.weights)
     smallest = space.bytes(space.extreme(smallest=True))
     if limit < smallest:
@@ -254,27 +252,28 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
                                          "budget_bytes": limit, "weights": space.weights,
                                          "settings": asdict(settings), "units": len(space.units)})
     fresh = not worker and not [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
-    # the same split of the calibration text for every worker: the first part trains (and measures the
-    # knapsack's unit errors), the rest scores
+    # the same split of the calibration text for every worker: the first part builds the bank (and
+    # the knapsack's unit errors), the rest scores
     n_cal = settings.calib_windows if settings.train or (fresh and settings.warm_knapsack) else 0
+    if bank is not None:
+        n_cal = 0
     cal, ev = calib_eval_sets(loaded, calib, calib, calib_windows=n_cal, calib_seqlen=settings.calib_seqlen,
                               eval_tokens=settings.eval_tokens, seqlen=settings.seqlen,
                               split=0.5 if calib else None)
-    trainer = None
-    if n_cal:
-        from aqsearch.training import TrainSettings
-        from aqsearch.unittrain import UnitTrainer
+    ev = score or ev
+    if bank is None and n_cal:
+        bank = study_bank(loaded, space, cal, settings, regressor)
+    if bank is not None and not worker:
+        from aqsearch.bankbuild import build_bank
 
-        trainer = UnitTrainer(loaded.model, cal, TrainSettings(steps=settings.steps, batch=8, seed=settings.seed),
-                              key=loaded.fingerprint, cache=settings.unit_cache)
-        if settings.train and not worker and trainer.folder is not None:
-            study.set_user_attr("unit_cache", str(trainer.folder))
+        build_bank(bank, loaded.name)
+        study.set_user_attr("bank", str(bank.dir))
     if fresh:
         earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
-        warm = knapsack_starts(space, trainer, limit, settings.warm_knapsack) if trainer is not None else []
+        warm = knapsack_starts(space, bank, limit, settings.warm_knapsack, settings.warm_budgets) if bank is not None else []
         _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
     if not settings.train:
-        trainer = None  # a trial only scores round-to-nearest
+        bank = None  # a trial only scores round-to-nearest
     procs = []
     if workers > 1 and not worker:
         for k in range(1, workers):
@@ -282,7 +281,7 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
             procs.append(subprocess.Popen([sys.executable, "-m", "aqsearch", *(argv or []), "--worker"], env=env))
     batch = 8 if device.startswith("cuda") else 1
     ref = build_reference(loaded.model, ev, batch_size=batch, cache_key=loaded.fingerprint)
-    obj = Objective(loaded, space, ref, limit, settings, batch, trainer, regressor)
+    obj = Objective(loaded, space, ref, limit, settings, batch, bank)
 
     def stop_when_queue_empty(study, _trial):
         if not study.get_trials(deepcopy=False, states=(WAITING,)):
@@ -329,6 +328,28 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     return study
 
 
+def with_menu(space: Space, schemes) -> Space:
+    """``space`` with ``schemes`` as the choices of its decoder units (embedding units keep theirs)."""
+    from dataclasses import replace
+
+    menu = tuple(str(QuantScheme.parse(x)) for x in schemes)
+    return replace(space, units=tuple(replace(u, choices=menu) if u.block >= 0 and u.name != "lm_head" else u
+                                      for u in space.units))
+
+
+def study_bank(loaded, space: Space, calib, settings: SearchSettings, regressor=None):
+    """The bank a study's trials compose: its decoder units and menu, ``settings.steps`` steps (0 when
+    the study does not train: round-to-nearest errors for the knapsack only)."""
+    from aqsearch.bank import Bank, BankSettings
+    from aqsearch.io import cache_dir
+
+    menu = next(u.choices for u in space.units if u.block >= 0 and u.name != "lm_head")
+    bs = BankSettings(schemes=tuple(menu), granularity=space.granularity, steps=settings.steps if settings.train else 0,
+                      batch=8, seed=settings.seed, race=settings.race)
+    folder = cache_dir("bank") if settings.unit_cache else cache_dir("bank-" + str(os.getpid()))
+    return Bank(folder, loaded.model, loaded.fingerprint, calib, bs, regressor if settings.train else None)
+
+
 def study_names(storage: str) -> list[str]:
     return optuna.get_all_study_names(make_storage(storage))
 
@@ -363,15 +384,11 @@ def pick(storage: str, study_name: str, budget: str | Budget) -> tuple[Plan, dic
     plan = Plan.from_layers(json.loads(t.user_attrs["plan"]))
     tensors = {}
     if t.user_attrs.get("trained_units"):
-        from pathlib import Path
+        from aqsearch.bank import stored_tensors
 
-        from aqsearch.weights import load_qtensors
-
-        if "unit_cache" not in study.user_attrs:
-            raise AqError(f"trial {t.number} was trained, but study {study_name!r} kept no trained units on disk")
-        folder = Path(study.user_attrs["unit_cache"])
-        for name, c in t.user_attrs["trained_units"]:
-            tensors.update(load_qtensors(folder / f"{name}.{c}.safetensors"))
+        if "bank" not in study.user_attrs:
+            raise AqError(f"trial {t.number} was trained, but study {study_name!r} names no bank")
+        tensors = stored_tensors(study.user_attrs["bank"], t.user_attrs["trained_units"])
     return plan, best, tensors
 
 

@@ -74,10 +74,10 @@ def trained_weight_fn(tensors: dict[str, QTensor]) -> WeightFn:
 
 
 def load_plan_tensors(path: str | Path) -> tuple[Plan, dict[str, QTensor]]:
-    """A plan file and its trained tensors (empty when it names no weights file)."""
-    plan = Plan.load(str(path))
-    w = json.loads(Path(path).read_text()).get("weights")
-    return plan, (load_qtensors(Path(path).parent / w["file"], w.get("sha256")) if w else {})
+    """A plan file and its trained tensors: :func:`aqsearch.artifact.read_artifact`."""
+    from aqsearch.artifact import read_artifact
+
+    return read_artifact(path)
 
 
 def load_plan(path: str | Path) -> tuple[Plan, WeightFn]:

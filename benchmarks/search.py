@@ -151,21 +151,22 @@ def _eval_setup(args, test: bool):
 def cmd_knapsack(args) -> None:
     """Knapsack plans at three budgets, scored like the study's trials, against the study's front."""
     from aqsearch.data import calib_eval_sets
-    from aqsearch.knapsack import knapsack_plan, unit_errors
+    from aqsearch.bank import Bank, BankSettings, knapsack_choice
+    from aqsearch.io import cache_dir
     from aqsearch.quality import evaluate
     from aqsearch.search import load_study, pareto_front
     from aqsearch.space import build_space
-    from aqsearch.training import TrainSettings
-    from aqsearch.unittrain import UnitTrainer
 
     loaded, ref, bs = _eval_setup(args, test=False)
     info = load_study(args.storage, args.study).user_attrs["aqsearch"]["settings"]
     space = build_space(loaded.model, info["granularity"], info["tie"], info["embeddings"], info["kernel_only"], info["sym"])
     cal, _ = calib_eval_sets(loaded, calib_file(args), calib_file(args), calib_windows=args.calib_samples,
                              calib_seqlen=args.calib_seqlen, eval_tokens=args.eval_tokens, seqlen=args.seqlen, split=0.5)
-    trainer = UnitTrainer(loaded.model, cal, TrainSettings(steps=args.steps), key=loaded.fingerprint, cache=False)
+    menu = next(u.choices for u in space.units if u.block >= 0)
+    bank = Bank(cache_dir("bank"), loaded.model, loaded.fingerprint, cal,
+                BankSettings(schemes=menu, granularity=space.granularity, steps=0))  # round-to-nearest errors
     t0 = time.time()
-    errors = unit_errors(space, trainer)
+    bank.build()
     measure_s = time.time() - t0
     front = pareto_front(args.storage, args.study)
     rows = []
@@ -173,7 +174,7 @@ def cmd_knapsack(args) -> None:
         from aqsearch.config import Budget
 
         limit = Budget.parse(b).resolve(space.weights)
-        params = knapsack_plan(space, errors, limit)
+        params = knapsack_choice(bank, limit)
         m = evaluate(loaded.model, ref, space.plan(params), list(space.layers), batch_size=bs)
         fits = [p for p in front if p["bytes"] <= limit]
         best = min(fits, key=lambda p: p["kl_mean"]) if fits else None

@@ -201,14 +201,18 @@ def test_two_workers_on_postgresql(tiny_dir, postgres_url):
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
 
 
-def test_training_trials_record_their_compute(tiny_dir, tmp_path):
+def test_trained_study_composes_bank_candidates(tiny_dir, tmp_path):
     url = f"sqlite:///{tmp_path}/t.db"
-    assert main(search_argv(tiny_dir, url, "t", 8, "--train", "--steps", "10")) == 0
+    assert main(search_argv(tiny_dir, url, "t", 8, "--train", "--steps", "6", "--granularity", "block",
+                            "--kernel-schemes")) == 0
     st = load_study(url, "t")
-    trained = [t for t in st.trials if "train_steps" in t.user_attrs]
-    assert trained and all(t.user_attrs["train_steps"] <= t.user_attrs["train_steps_full"] for t in trained)
-    complete = [t for t in trained if t.state == optuna.trial.TrialState.COMPLETE]
+    bank = st.user_attrs["bank"]
+    assert os.path.isdir(bank)
+    complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(t.user_attrs.get("trained_units") for t in complete)
     for t in st.trials:
         if t.state == optuna.trial.TrialState.PRUNED:
             assert "predicted_kl_optimistic" in t.user_attrs and "pruned_because" in t.user_attrs
+    out = tmp_path / "pick.json"
+    assert main(["pick", "--storage", url, "--study", "t", "--budget", "6bpw", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["weights"]["sha256"]

@@ -1,0 +1,111 @@
+"""The candidate bank on a tiny model: reuse across runs and workers, racing, finishing on demand,
+kill -9 during a build, the one plan builder and the knapsack over the bank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aqsearch.bank import Bank, BankSettings, compose, knapsack_choice
+from aqsearch.bankbuild import build_bank, write_spec
+from aqsearch.curves import CurveRegressor
+from aqsearch.data import TokenSet
+from aqsearch.memory import plan_bytes
+from aqsearch.models import load_model
+from aqsearch.training import Curve
+
+MENU = ("w4g64", "w3g32", "w3g64", "w2g32", "w2g64", "w8g128")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(0)
+    return TokenSet.from_ids(torch.randint(0, 320, (2000,), generator=g), 16, 8, "random ids")
+
+
+def settings(**kw):
+    return BankSettings(**{"schemes": MENU, "steps": 10, "batch": 4, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_bank(loaded, calib, tmp_path_factory):
+    """Every candidate trained to the end (no racing), seed 1: its curves fit the racing regressor."""
+    b = Bank(tmp_path_factory.mktemp("banks"), loaded.model, loaded.fingerprint, calib, settings(seed=1, race=False))
+    b.build()
+    return b
+
+
+def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(full_bank, loaded, calib, tmp_path):
+    reg = CurveRegressor([Curve.from_json(c.curve) for c in full_bank.candidates()])
+    bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings(), reg)
+    st = bank.build()
+    stopped = [c for c in bank.candidates() if not c.finished]
+    assert st["stopped"] == len(stopped) >= 1  # fails if the race never stops anything
+    assert st["steps_saved"] == sum(c.steps_saved for c in stopped) > 0
+    for c in stopped:
+        assert c.weights is None and c.prediction and "dominated" in c.why and c.steps_run < 10
+        assert not (bank.dir / f"{c.unit}.{c.scheme}.safetensors").exists()
+    # the plan builder finishes a stopped candidate when a plan asks for it, never uses it half-trained
+    c = stopped[0]
+    choice = {u.name: "w4g64" for u in bank.units}
+    choice[c.unit] = c.scheme
+    plan, tensors = compose(bank, choice)
+    done = bank.get(c.unit, c.scheme)
+    assert done.finished and done.steps_saved == 0 and done.steps_run == 10 and "on demand" in done.why
+    assert set(tensors) == {n for n in plan.resolve(n for u in bank.units for n in u.layers)}
+    assert Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings()).get(c.unit, c.scheme).finished
+
+
+def test_bank_reused_across_runs_and_workers(loaded, calib, tiny_dir, tmp_path):
+    bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings(schemes=("w4g64", "w2g64"), steps=4))
+    st = build_bank(bank, str(tiny_dir), workers=2, show=False)  # two worker processes share the folder
+    assert st["workers"] == 2 and st["candidates"] == st["of"] == 4
+    files = {p.name: p.read_text() for p in bank.dir.glob("*.json") if p.name.startswith("model.")}
+    again = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings(schemes=("w4g64", "w2g64"), steps=4))
+    assert build_bank(again, str(tiny_dir), show=False)["workers"] == 0  # nothing left to train
+    # another menu over the same settings reuses the candidates it shares
+    wider = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings(schemes=("w4g64", "w3g64", "w2g64"), steps=4))
+    assert wider.dir == bank.dir and sum(c is not None for c in map(lambda u: wider.get(u.name, "w4g64"), wider.units)) == 2
+    assert {p.name: p.read_text() for p in bank.dir.glob("*.json") if p.name.startswith("model.")} == files
+
+
+def test_kill_9_during_build_then_resume_loses_no_finished_candidate(loaded, calib, tiny_dir, tmp_path):
+    s = settings(schemes=("w4g64", "w3g64", "w2g64"), steps=30, race=False)
+    bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, s)
+    spec = write_spec(bank, str(tiny_dir), race=False, device="cpu")
+    p = subprocess.Popen([sys.executable, "-m", "aqsearch.bankbuild", str(spec)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(bank.dir.glob("model.*.json")):
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    before = {f.name: f.read_text() for f in bank.dir.glob("model.*.json")}
+    assert before, "the worker finished no candidate before the kill"
+    assert not bank.complete()
+    again = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, s)
+    again.build()  # the dead worker's claim is taken over
+    assert again.complete()
+    for name, text in before.items():
+        assert (bank.dir / name).read_text() == text  # kept, not trained again
+        c = json.loads(text)
+        assert (bank.dir / c["weights"]).exists()
+
+
+def test_knapsack_over_the_bank_meets_the_budget(full_bank, loaded):
+    sizes = [c.bytes for c in full_bank.menu(full_bank.units[0])]
+    budget = sum(min(c.bytes for c in full_bank.menu(u)) for u in full_bank.units) + max(sizes) - min(sizes)
+    choice = knapsack_choice(full_bank, budget, quantum=64)
+    plan, tensors = compose(full_bank, choice)
+    assert plan_bytes(loaded.model, plan).bytes <= budget and tensors
+    assert knapsack_choice(full_bank, 10) is None
