@@ -34,7 +34,7 @@ def calib():
 
 
 def settings(**kw):
-    return BankSettings(**{"schemes": MENU, "steps": 10, "batch": 4, **kw})
+    return BankSettings(**{"schemes": MENU, "steps": 8, "batch": 4, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(full_bank
     assert st["stopped"] == len(stopped) >= 1  # fails if the race never stops anything
     assert st["steps_saved"] == sum(c.steps_saved for c in stopped) > 0
     for c in stopped:
-        assert c.weights is None and c.prediction and "dominated" in c.why and c.steps_run < 10
+        assert c.weights is None and c.prediction and "dominated" in c.why and c.steps_run < 8
         assert not (bank.dir / f"{c.unit}.{c.scheme}.safetensors").exists()
     # the plan builder finishes a stopped candidate when a plan asks for it, never uses it half-trained
     c = stopped[0]
@@ -61,7 +61,7 @@ def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(full_bank
     choice[c.unit] = c.scheme
     plan, tensors = compose(bank, choice)
     done = bank.get(c.unit, c.scheme)
-    assert done.finished and done.steps_saved == 0 and done.steps_run == 10 and "on demand" in done.why
+    assert done.finished and done.steps_saved == 0 and done.steps_run == 8 and "on demand" in done.why
     assert set(tensors) == {n for n in plan.resolve(n for u in bank.units for n in u.layers)}
     assert Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings()).get(c.unit, c.scheme).finished
 
@@ -80,7 +80,7 @@ def test_bank_reused_across_runs_and_workers(loaded, calib, tiny_dir, tmp_path):
 
 
 def test_kill_9_during_build_then_resume_loses_no_finished_candidate(loaded, calib, tiny_dir, tmp_path):
-    s = settings(schemes=("w4g64", "w3g64", "w2g64"), steps=30, race=False)
+    s = settings(schemes=("w4g64", "w3g64", "w2g64"), steps=8, race=False)
     bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, s)
     spec = write_spec(bank, str(tiny_dir), race=False, device="cpu")
     p = subprocess.Popen([sys.executable, "-m", "aqsearch.bankbuild", str(spec)], stdout=subprocess.DEVNULL,
@@ -109,3 +109,17 @@ def test_knapsack_over_the_bank_meets_the_budget(full_bank, loaded):
     plan, tensors = compose(full_bank, choice)
     assert plan_bytes(loaded.model, plan).bytes <= budget and tensors
     assert knapsack_choice(full_bank, 10) is None
+
+
+def test_polish_starts_from_the_bank_and_improves_the_plan(full_bank, loaded, calib):
+    from aqsearch.polish import polish
+    from aqsearch.training import TrainSettings, rel_error
+
+    plan, tensors = compose(full_bank, {u.name: "w3g64" for u in full_bank.units})
+    polished, st = polish(loaded.model, plan, calib, TrainSettings(steps=10, batch=4), init=tensors)
+    assert set(polished) == set(tensors)
+    blocks = st["blocks"]
+    assert all(b["after"] <= b["before"] + 1e-12 for b in blocks) and any(b["after"] < b["before"] for b in blocks)
+    # it started from the bank's weights: step 0 is (about) the bank's error on the quantized stream, far
+    # below round-to-nearest from the full-precision weights
+    assert blocks[0]["before"] < full_bank.get(full_bank.units[0].name, "w3g64").rtn_error

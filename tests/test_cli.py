@@ -78,3 +78,5 @@ def test_main_job_end_to_end(capsys, tiny_dir, tmp_path):
     assert (tmp_path / "job" / "plan.json").exists() and (tmp_path / "job" / "front.png").exists()
     assert res["eval_data"]["source"] == "model-samples(seed=2)"  # not the text the search scored on
     assert res["picked"]["kl_mean"] <= res["uniform"]["kl_mean"] * 1.5
+    assert res["polish"]["steps"] > 0 and json.loads((tmp_path / "job" / "plan.json").read_text())["weights"]["sha256"]
+    assert res["bank"]["candidates"] == res["bank"]["of"] > 0
