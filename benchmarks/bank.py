@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SIZES = ("w4g64", "w3g32", "w3g64", "w2g32", "w2g64")
 MENU = ("w8g128", "w4g64", "w4g128", "w3g32", "w3g64", "w2g32", "w2g64")
+SMALL_MENU = ("w4g64", "w3g32", "w3g64", "w2g64")
 
 
 def log(msg: str) -> None:
@@ -85,7 +86,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--polish-steps", type=int, default=None)
     ap.add_argument("--trials", type=int, default=None)
-    ap.add_argument("--menu", default=",".join(MENU))
+    ap.add_argument("--menu", default=None, help=f"schemes of every block (default {','.join(MENU)}; small: "
+                                                 f"{','.join(SMALL_MENU)})")
     ap.add_argument("--workers", type=int, default=None, help="bank worker processes (default: one per GPU)")
     ap.add_argument("--rule", choices=("hull", "pareto"), default="hull")
     ap.add_argument("--no-race", action="store_true")
@@ -112,8 +114,8 @@ def main() -> int:
 
     full = args.full
     n_win, seqlen = args.windows or (128 if full else 16), args.seqlen or (2048 if full else 128)
-    steps, trials = args.steps or (200 if full else 10), args.trials or (200 if full else 24)
-    polish_steps = args.polish_steps or (50 if full else 10)
+    steps, trials = args.steps or (200 if full else 4), args.trials or (200 if full else 16)
+    polish_steps = args.polish_steps or (50 if full else 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bs = 8 if device == "cuda" else 1
     t = {"start": time.time()}
@@ -122,14 +124,14 @@ def main() -> int:
     calib = windows(DATA / "wikitext-2-valid.tokens.txt", loaded.tokenizer, seqlen, n_win, spread=True)
     test = windows(DATA / "wikitext-2-raw-test.txt", loaded.tokenizer, 2048 if full else 256, None if full else 8,
                    spread=False)
-    menu = tuple(args.menu.split(","))
+    menu = tuple((args.menu or ",".join(MENU if full else SMALL_MENU)).split(","))
     bset = BankSettings(schemes=menu, granularity="block", steps=steps, batch=8, race=not args.no_race, rule=args.rule)
     work = Path(args.work)
     bank = Bank(work / "bank", loaded.model, loaded.fingerprint, calib, bset, default_regressor())
     t0 = time.time()
     bstats = build_bank(bank, "smollm2-135m", args.workers)
     stage["bank"] = time.time() - t0
-    log(f"bank: {bstats}")
+    log(f"bank: {bstats} ({stage['bank']:.0f} s)")
 
     # trials are scored on held-out calibration windows (never trained on), not on the test set
     n_held = max(1, round(n_win * bset.heldout))
@@ -143,6 +145,7 @@ def main() -> int:
     t0 = time.time()
     run_study(loaded, max(sizes.values()), trials, storage, study, settings, None, device, bank=bank, score=score)
     stage["study"] = time.time() - t0
+    log(f"study: {trials} trials ({stage['study']:.0f} s)")
 
     t0 = time.time()
     ref = build_reference(loaded.model, test, batch_size=bs)
