@@ -34,7 +34,7 @@ def calib():
 
 
 def settings(**kw):
-    return BankSettings(**{"schemes": MENU, "steps": 8, "batch": 4, **kw})
+    return BankSettings(**{"schemes": MENU, "steps": 10, "batch": 4, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,22 @@ def full_bank(loaded, calib, tmp_path_factory):
     return b
 
 
-def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(full_bank, loaded, calib, tmp_path):
+@pytest.fixture(scope="module")
+def raced(full_bank, loaded, calib, tmp_path_factory):
+    """A raced bank; its regressor is fitted on the full bank's curves of this model."""
     reg = CurveRegressor([Curve.from_json(c.curve) for c in full_bank.candidates()])
-    bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings(), reg)
-    st = bank.build()
+    bank = Bank(tmp_path_factory.mktemp("raced"), loaded.model, loaded.fingerprint, calib, settings(), reg)
+    return bank, bank.build()
+
+
+def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(raced, loaded, calib):
+    bank, st = raced
+    tmp_path = bank.dir.parent
     stopped = [c for c in bank.candidates() if not c.finished]
     assert st["stopped"] == len(stopped) >= 1  # fails if the race never stops anything
     assert st["steps_saved"] == sum(c.steps_saved for c in stopped) > 0
     for c in stopped:
-        assert c.weights is None and c.prediction and "dominated" in c.why and c.steps_run < 8
+        assert c.weights is None and c.prediction and "dominated" in c.why and c.steps_run < 10
         assert not (bank.dir / f"{c.unit}.{c.scheme}.safetensors").exists()
     # the plan builder finishes a stopped candidate when a plan asks for it, never uses it half-trained
     c = stopped[0]
@@ -61,7 +68,7 @@ def test_racing_stops_dominated_candidates_and_finishes_them_on_demand(full_bank
     choice[c.unit] = c.scheme
     plan, tensors = compose(bank, choice)
     done = bank.get(c.unit, c.scheme)
-    assert done.finished and done.steps_saved == 0 and done.steps_run == 8 and "on demand" in done.why
+    assert done.finished and done.steps_saved == 0 and done.steps_run == 10 and "on demand" in done.why
     assert set(tensors) == {n for n in plan.resolve(n for u in bank.units for n in u.layers)}
     assert Bank(tmp_path, loaded.model, loaded.fingerprint, calib, settings()).get(c.unit, c.scheme).finished
 
@@ -123,3 +130,38 @@ def test_polish_starts_from_the_bank_and_improves_the_plan(full_bank, loaded, ca
     # it started from the bank's weights: step 0 is (about) the bank's error on the quantized stream, far
     # below round-to-nearest from the full-precision weights
     assert blocks[0]["before"] < full_bank.get(full_bank.units[0].name, "w3g64").rtn_error
+
+
+def test_trial_needing_a_stopped_candidate_is_pruned_or_finishes_it(raced, loaded):
+    import optuna
+
+    from aqsearch.quality import build_reference
+    from aqsearch.search import Objective, SearchSettings, build_space, with_menu
+
+    bank, _ = raced
+    bank._mem.clear()
+    stopped = [c for c in bank.candidates() if not c.finished]
+    if not stopped:
+        pytest.skip("the racing test finished every stopped candidate")
+    c = stopped[0]
+    space = with_menu(build_space(loaded.model, "block"), MENU)
+    g = torch.Generator().manual_seed(5)
+    ref = build_reference(loaded.model, TokenSet.from_ids(torch.randint(0, 320, (64,), generator=g), 16, 4, "score"))
+    obj = Objective(loaded, space, ref, 10**9, SearchSettings(granularity="block", train=True), 1, bank)
+    params = {u.name: "w4g64" for u in space.units}
+    params[c.unit] = c.scheme
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.0, 1.0], params={u.name: "w4g64" for u in space.units},
+                                              distributions={u.name: optuna.distributions.CategoricalDistribution(
+                                                  u.choices) for u in space.units}))
+    study.enqueue_trial(params)
+    study.optimize(obj, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == optuna.trial.TrialState.PRUNED  # a finished trial of fewer bytes and KL 0 beats it
+    assert t.user_attrs["predicted_kl_optimistic"] > 0 and "pruned_because" in t.user_attrs
+    assert not bank.get(c.unit, c.scheme).finished  # pruning trained nothing
+    fresh = optuna.create_study(directions=["minimize", "minimize"])
+    fresh.enqueue_trial(params)
+    fresh.optimize(obj, n_trials=1)
+    assert fresh.trials[-1].state == optuna.trial.TrialState.COMPLETE
+    assert bank.get(c.unit, c.scheme).finished  # nothing beat its prediction: the candidate was finished
