@@ -299,6 +299,7 @@ class Bank:
             rtn = rel_error(acts, st.blocks[u.block], self._rtn_weights(u, s), y, st.held)
             if self.s.steps == 0:
                 self.put(self._record(u, s, rtn, "finished", trained_error=rtn, seconds=time.time() - t0), None)
+                self._event(on_event, f"{u.name} {s}: round-to-nearest")
                 continue
             run = self._start(u, s, acts, y)
             if self.s.race:
