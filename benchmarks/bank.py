@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--no-race", action="store_true")
     ap.add_argument("--compare-full", action="store_true", help="also finish every stopped candidate and compare")
     ap.add_argument("--uniform-trained", action="store_true", help="also train the five uniform schemes (baseline)")
+    ap.add_argument("--model", default="smollm2-135m", help="model name, folder or .gguf (bank workers load it too)")
+    ap.add_argument("--data-dir", default=str(DATA), help="folder with the two WikiText-2 files")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "bank-work"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bank.jsonl"))
     args = ap.parse_args()
@@ -120,16 +122,17 @@ def main() -> int:
     bs = 8 if device == "cuda" else 1
     t = {"start": time.time()}
     stage = {}
-    loaded = load_model("smollm2-135m", device=device)
-    calib = windows(DATA / "wikitext-2-valid.tokens.txt", loaded.tokenizer, seqlen, n_win, spread=True)
-    test = windows(DATA / "wikitext-2-raw-test.txt", loaded.tokenizer, 2048 if full else 256, None if full else 8,
+    loaded = load_model(args.model, device=device)
+    data = Path(args.data_dir)
+    calib = windows(data / "wikitext-2-valid.tokens.txt", loaded.tokenizer, seqlen, n_win, spread=True)
+    test = windows(data / "wikitext-2-raw-test.txt", loaded.tokenizer, 2048 if full else 256, None if full else 8,
                    spread=False)
     menu = tuple((args.menu or ",".join(MENU if full else SMALL_MENU)).split(","))
     bset = BankSettings(schemes=menu, granularity="block", steps=steps, batch=8, race=not args.no_race, rule=args.rule)
     work = Path(args.work)
     bank = Bank(work / "bank", loaded.model, loaded.fingerprint, calib, bset, default_regressor())
     t0 = time.time()
-    bstats = build_bank(bank, "smollm2-135m", args.workers)
+    bstats = build_bank(bank, args.model, args.workers)
     stage["bank"] = time.time() - t0
     log(f"bank: {bstats} ({stage['bank']:.0f} s)")
 
