@@ -3,11 +3,11 @@
 Everything here is frozen, hashable where it can be, and round-trips through JSON.
 
 >>> QuantScheme.parse("w4g64")
-QuantScheme(bits=4, group=64, sym=False)
->>> str(QuantScheme.parse("w3g32s"))
-'w3g32s'
+QuantScheme(bits=4, group=64, sym=False, fzero=False)
+>>> str(QuantScheme.parse("w3g32s")), QuantScheme.parse("w4g64f").zero_format
+('w3g32s', 'fp16')
 >>> Plan.uniform("w4g64").scheme_for("model.layers.0.mlp.up_proj")
-QuantScheme(bits=4, group=64, sym=False)
+QuantScheme(bits=4, group=64, sym=False, fzero=False)
 """
 
 from __future__ import annotations
@@ -21,22 +21,31 @@ from aqsearch.errors import AqError
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256)
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# Version 1 plans (before integer zeros were packed) name the same quantization: their asymmetric
+# schemes already had integer-valued zeros, stored in fp16. They load unchanged; only the bytes shrink.
+READABLE_PLAN_VERSIONS = (1, 2)
 
-_SCHEME_RE = re.compile(r"^w(\d+)(?:g(\d+))?(s?)$")
+_SCHEME_RE = re.compile(r"^w(\d+)(?:g(\d+))?([a-z]?)$")
+_SUFFIXES = {"": "integer zero", "s": "symmetric", "f": "fp16 zero"}
 
 
 @dataclass(frozen=True, order=True)
 class QuantScheme:
-    """Bits, group size along the input dimension, symmetric or not.
+    """Bits, group size along the input dimension, and the zero's format.
 
     ``group=None`` means one group per output row (per-channel), written without ``g``: ``w8``.
-    Asymmetric groups store an fp16 scale and an fp16 zero (4 bytes), symmetric ones an fp16 scale.
+    Every group stores an fp16 scale. Its zero (DESIGN.md, "Numerics"):
+
+    - ``w4g64``: a ``bits``-bit integer, packed (GPTQ/AWQ/AutoRound layout): 16 + bits bits a group;
+    - ``w4g64f`` (``fzero``): an fp16 float zero, HQQ-style: 32 bits a group;
+    - ``w4g64s`` (``sym``): none, the middle code: 16 bits a group.
     """
 
     bits: int
     group: int | None = 128
     sym: bool = False
+    fzero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -45,26 +54,41 @@ class QuantScheme:
             raise AqError(
                 f"invalid scheme: group size must be one of {', '.join(map(str, GROUPS))}, got {self.group}"
             )
+        if self.sym and self.fzero:
+            raise AqError("invalid scheme: a symmetric scheme stores no zero, so it has no fp16-zero form")
 
     @classmethod
     def parse(cls, text: str | QuantScheme) -> QuantScheme:
-        """``w{bits}g{group}[s]`` (``w4g64``, ``w3g32s``) or ``w{bits}[s]`` for per-channel."""
+        """``w{bits}g{group}[s|f]`` (``w4g64``, ``w3g32s``, ``w2g64f``) or ``w{bits}[s|f]`` per-channel."""
         if isinstance(text, QuantScheme):
             return text
         m = _SCHEME_RE.match(str(text).strip())
         if not m:
-            raise AqError(f"invalid scheme {text!r}: expected w{{bits}}g{{group}}[s], e.g. w4g64 or w3g32s")
-        bits, group, sym = int(m.group(1)), m.group(2), bool(m.group(3))
+            raise AqError(f"invalid scheme {text!r}: expected w{{bits}}g{{group}}[s|f], e.g. w4g64, w3g32s or w2g64f")
+        if m.group(3) not in _SUFFIXES:
+            raise AqError(f"invalid scheme {text!r}: unknown suffix {m.group(3)!r} "
+                          f"(none: integer zero, s: symmetric, f: fp16 zero)")
+        bits, group, sym, fzero = int(m.group(1)), m.group(2), m.group(3) == "s", m.group(3) == "f"
         if bits not in BITS:
             raise AqError(f"invalid scheme {text!r}: bits must be one of {', '.join(map(str, BITS))}")
         if group is not None and int(group) not in GROUPS:
             raise AqError(f"invalid scheme {text!r}: group size must be one of {', '.join(map(str, GROUPS))}")
-        return cls(bits, None if group is None else int(group), sym)
+        return cls(bits, None if group is None else int(group), sym, fzero)
 
     @property
-    def meta_bytes_per_group(self) -> int:
-        """fp16 scale (+ fp16 zero when asymmetric)."""
-        return 2 if self.sym else 4
+    def zero_format(self) -> str:
+        """How a group's zero is stored: ``"int"`` (packed, ``bits`` bits), ``"fp16"`` or ``"none"``."""
+        return "none" if self.sym else ("fp16" if self.fzero else "int")
+
+    @property
+    def meta_bits_per_group(self) -> int:
+        """Bits of metadata a group: the fp16 scale plus the zero as stored."""
+        return 16 + {"none": 0, "int": self.bits, "fp16": 16}[self.zero_format]
+
+    @property
+    def bpw(self) -> float:
+        """Bits a weight when the group divides the row and 32 divides the rows (the usual case)."""
+        return self.bits + (self.meta_bits_per_group / self.group if self.group else 0.0)
 
     @property
     def qmax(self) -> int:
@@ -72,12 +96,12 @@ class QuantScheme:
 
     def __str__(self) -> str:
         g = "" if self.group is None else f"g{self.group}"
-        return f"w{self.bits}{g}{'s' if self.sym else ''}"
+        return f"w{self.bits}{g}{'s' if self.sym else 'f' if self.fzero else ''}"
 
 
-def all_schemes(sym: bool = False) -> list[QuantScheme]:
+def all_schemes(sym: bool = False, fzero: bool = False) -> list[QuantScheme]:
     """Every grouped scheme, fewest bytes last: the candidate set of the engine and the search."""
-    return [QuantScheme(b, g, sym) for b in sorted(BITS, reverse=True) for g in GROUPS]
+    return [QuantScheme(b, g, sym, fzero and not sym) for b in sorted(BITS, reverse=True) for g in GROUPS]
 
 
 @dataclass(frozen=True)
@@ -87,7 +111,7 @@ class Plan:
     ``None`` keeps a layer in full precision. Exact names win over regexes, regexes are tried in
     order, ``_default`` applies last.
 
-    >>> p = Plan.from_json({"version": 1, "layers": {"_default": "w4g64", "re:.*down_proj": "w8g128"}})
+    >>> p = Plan.from_json({"version": 2, "layers": {"_default": "w4g64", "re:.*down_proj": "w8g128"}})
     >>> str(p.scheme_for("model.layers.3.mlp.down_proj"))
     'w8g128'
     """
@@ -134,7 +158,7 @@ class Plan:
     def from_json(cls, obj: Mapping) -> Plan:
         if not isinstance(obj, Mapping) or "layers" not in obj:
             raise AqError("invalid plan: expected a JSON object with 'version' and 'layers'")
-        if obj.get("version", PLAN_VERSION) != PLAN_VERSION:
+        if obj.get("version", PLAN_VERSION) not in READABLE_PLAN_VERSIONS:
             raise AqError(f"invalid plan: version {obj.get('version')} is not supported (expected {PLAN_VERSION})")
         return cls.from_layers(obj["layers"])
 

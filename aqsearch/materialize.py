@@ -1,7 +1,7 @@
 """Turn a plan into a real low-bit model: pack, swap in ``QuantLinear``, save, load, generate.
 
 A saved model is a folder (written atomically) holding ``model.safetensors`` (packed ``qweight``,
-fp16 ``scales``/``zeros`` for each quantized decoder Linear; every other tensor in fp16, tied
+fp16 ``scales`` and packed integer (or fp16, ``f`` schemes) ``zeros`` for each quantized decoder Linear; every other tensor in fp16, tied
 tensors once), ``plan.json`` (the plan resolved to exact layer names), ``aqsearch.json`` (format,
 per-layer shapes and schemes, byte counts), the model's ``config.json`` and its tokenizer. The bytes
 of the decoder Linears' tensors in ``model.safetensors`` equal ``plan_bytes(model, plan).bytes``.
@@ -40,7 +40,9 @@ from aqsearch.models import BLOCK_LINEARS, FUSED, LayerInfo, decoder_blocks, dec
 from aqsearch.quantlinear import QuantLinear
 
 FORMAT = "aqsearch-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 stored every asymmetric zero as fp16 (integer values): it loads, its zeros packed on the way in.
+READABLE_VERSIONS = (1, 2)
 _PACKED = ("qweight", "scales", "zeros")
 
 
@@ -162,7 +164,7 @@ def _read_meta(folder: Path) -> dict:
         raise AqError(f"not a materialized model folder (no aqsearch.json): {folder}") from None
     except json.JSONDecodeError as e:
         raise AqError(f"{folder / 'aqsearch.json'} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise AqError(f"{folder}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
     return meta
 
@@ -193,6 +195,13 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
                             bias=info["bias"], dtype=dtype)
             _set_module(model, name, q)
     state = load_file(str(folder / "model.safetensors"))
+    if meta["version"] == 1:  # fp16 zeros of integer value -> the packed integer layout
+        from aqsearch.kernels import pack_zeros
+
+        for name, info in meta["layers"].items():
+            scheme = info["scheme"] and QuantScheme.parse(info["scheme"])
+            if scheme and scheme.zero_format == "int" and f"{name}.zeros" in state:
+                state[f"{name}.zeros"] = pack_zeros(state[f"{name}.zeros"].float(), scheme.bits)
     for k, t in state.items():
         if t.is_floating_point() and k.rsplit(".", 1)[-1] not in ("scales", "zeros"):
             state[k] = t.to(dtype)

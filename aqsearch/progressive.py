@@ -24,6 +24,8 @@ journal resumes after its last finished block and ends with the same plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import resource
 import sys
@@ -283,7 +285,7 @@ class Engine:
             for u in UNITS:
                 q = None if state[u] is None else QuantScheme.parse(state[u])
                 g = None if q is None or q.group is None else int(q.group * factor)
-                c[u] = state[u] if g not in s.groups else str(QuantScheme(q.bits, g, q.sym))
+                c[u] = state[u] if g not in s.groups else str(dataclasses.replace(q, group=g))
             if c != state:
                 cands.append(c)
         for c in cands:

@@ -4,8 +4,11 @@ Numerics (DESIGN.md): groups run along the input dimension K of a weight ``W[N, 
 ``ceil(K / g)`` groups and the last one is shorter when ``g`` does not divide ``K``.
 
 Asymmetric: ``lo = min(min(w) * clip_lo, 0)``, ``hi = max(max(w) * clip_hi, 0)``,
-``s = fp16((hi - lo) / (2^b - 1))``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (an integer, stored in
-fp16), ``q = clamp(round(w / s + v) + z, 0, 2^b - 1)``, ``w' = (q - z) * s``.
+``s = fp16((hi - lo) / (2^b - 1))``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (an integer: the default
+layout packs it in ``b`` bits), ``q = clamp(round(w / s + v) + z, 0, 2^b - 1)``, ``w' = (q - z) * s``.
+With an fp16 zero (``f`` schemes, HQQ-style) the zero is not rounded: ``z = fp16(-lo / s)``,
+``q = clamp(round(w / s + v + z), 0, 2^b - 1)``, so the grid's ends land on ``lo`` and ``hi``.
+``QTensor.zero`` holds either kind as fp16 values.
 Symmetric: ``s = fp16(max|w| * clip_hi / (2^(b-1) - 1))`` and ``z = 2^(b-1)``, not stored.
 
 ``v`` (a rounding offset per weight) and ``clip_lo``/``clip_hi`` (per group) are the parameters
@@ -81,6 +84,8 @@ def scale_zero(
         hi = hi * clip_hi.unsqueeze(-1)
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     s = _fp16_ste((hi - lo) / scheme.qmax).clamp_min(FP16_TINY)
+    if scheme.fzero:
+        return s, torch.clamp(_fp16_ste(-lo / s), 0, scheme.qmax)
     z = torch.clamp(_round_ste(-lo / s), 0, scheme.qmax)
     return s, z
 
@@ -103,6 +108,8 @@ def _codes(wg, s, z, scheme, v):
     x = wg / s
     if v is not None:
         x = x + v
+    if scheme.fzero:  # a float zero shifts before rounding
+        return torch.clamp(_round_ste(x + z), 0, scheme.qmax)
     return torch.clamp(_round_ste(x) + z, 0, scheme.qmax)
 
 

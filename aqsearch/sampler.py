@@ -32,8 +32,7 @@ def scheme_cost(choice: str) -> float:
         q = QuantScheme.parse(choice)
     except Exception:
         return 16.0
-    per_group = 16 if q.sym else 32
-    return q.bits + (per_group / q.group if q.group else 0.0)
+    return q.bpw
 
 
 def feasible_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:

@@ -17,7 +17,7 @@ def test_scheme_parse_roundtrip(text, bits, group, sym):
 
 
 @pytest.mark.parametrize("bad,needle", [
-    ("w5g64", "bits"), ("w4g48", "group size"), ("w4g128x", "expected"), ("", "expected"), ("4g64", "expected"),
+    ("w5g64", "bits"), ("w4g48", "group size"), ("w4g128x", "unknown suffix"), ("w4g64sf", "expected"), ("", "expected"), ("4g64", "expected"),
 ])
 def test_scheme_parse_errors(bad, needle):
     with pytest.raises(AqError, match=needle):
@@ -32,7 +32,17 @@ def test_plan_resolution_order_and_json():
     assert str(p.scheme_for("model.layers.5.self_attn.o_proj")) == "w4g64"
     assert p.scheme_for("model.layers.1.self_attn.q_proj") is None
     again = Plan.from_json(json.loads(json.dumps(p.to_json())))
-    assert again == p and again.to_json()["version"] == 1
+    assert again == p and again.to_json()["version"] == 2
+    # a version-1 plan (fp16-stored integer zeros) names the same quantization and still loads
+    v1 = Plan.from_json({"version": 1, "layers": {"_default": "w4g64"}})
+    assert v1.scheme_for("x") == QuantScheme(4, 64) and v1.scheme_for("x").zero_format == "int"
+
+
+@pytest.mark.parametrize("text,fmt,bpw", [("w4g64", "int", 4.3125), ("w4g64f", "fp16", 4.5), ("w4g64s", "none", 4.25),
+                                          ("w3g32", "int", 3.59375), ("w2g64f", "fp16", 2.5)])
+def test_zero_formats(text, fmt, bpw):
+    s = QuantScheme.parse(text)
+    assert s.zero_format == fmt and s.bpw == bpw and str(s) == text and QuantScheme.parse(str(s)) == s
 
 
 def test_plan_errors(tmp_path):

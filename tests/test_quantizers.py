@@ -97,3 +97,16 @@ def test_offsets_move_codes():
     base = quantize(w, s).codes
     moved = quantize(w, s, v=torch.tensor([[0.0, -0.45, 0.0, 0.0]])).codes
     assert base.tolist() == [[0, 1, 2, 3]] and moved.tolist() == [[0, 0, 2, 3]]
+
+
+def test_fp16_zero_is_a_float_and_its_grid_spans_the_group():
+    """``w4g64f``: the zero is not rounded, so each group's min and max land on the grid (fp16 rounding
+    aside); the integer zero cannot do that in general, so its error is larger on the same weights."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02 + 0.01
+    qf, qi = quantize(w, QuantScheme(4, 64, fzero=True)), quantize(w, QuantScheme(4, 64))
+    assert torch.equal(qi.zero, qi.zero.round()) and not torch.equal(qf.zero, qf.zero.round())
+    assert torch.equal(dequantize(qf), fake_quantize(w, QuantScheme(4, 64, fzero=True)))
+    wf, wi = dequantize(qf), dequantize(qi)
+    lo = w.view(64, 4, 64).amin(-1).clamp_max(0)
+    assert torch.allclose(wf.view(64, 4, 64).amin(-1), lo, atol=2e-3 * float(w.abs().max()))
+    assert float((wf - w).pow(2).mean()) < float((wi - w).pow(2).mean())
