@@ -62,22 +62,32 @@ def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.to(torch.float16).to(x.dtype) - x).detach()
 
 
+def group_stats(wg: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, ...]:
+    """What the scale and zero are computed from, each ``[N, G, 1]``: ``(max|w|,)`` when symmetric, else
+    ``(min w, max w)``. Constant for a weight, so block training computes it once a run."""
+    if scheme.sym:
+        return (wg.abs().amax(dim=-1, keepdim=True),)
+    return wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+
+
 def scale_zero(
     wg: torch.Tensor,
     scheme: QuantScheme,
     clip_lo: torch.Tensor | None = None,
     clip_hi: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero (fp32 values that fp16 holds exactly), each ``[N, G, 1]``, from grouped ``wg``."""
+    """Scale and zero (fp32 values that fp16 holds exactly), each ``[N, G, 1]``, from grouped ``wg``
+    (or from its :func:`group_stats`, when given)."""
+    stats = group_stats(wg, scheme) if stats is None else stats
     if scheme.sym:
-        amax = wg.abs().amax(dim=-1, keepdim=True)
+        amax = stats[0]
         if clip_hi is not None:
             amax = amax * clip_hi.unsqueeze(-1)
         s = _fp16_ste(amax / ((1 << (scheme.bits - 1)) - 1)).clamp_min(FP16_TINY)
         z = torch.full_like(s, float(1 << (scheme.bits - 1)))
         return s, z
-    lo = wg.amin(dim=-1, keepdim=True)
-    hi = wg.amax(dim=-1, keepdim=True)
+    lo, hi = stats
     if clip_lo is not None:
         lo = lo * clip_lo.unsqueeze(-1)
     if clip_hi is not None:
@@ -153,6 +163,20 @@ def fake_quantize(
     n, k = w.shape
     wg = group_view(w.float(), scheme)
     vg = None if v is None else group_view(v, scheme)
-    s, z = scale_zero(wg, scheme, clip_lo, clip_hi)
-    out = (_codes(wg, s, z, scheme, vg) - z) * s
-    return out.reshape(n, -1)[:, :k].to(w.dtype)
+    return fake_quantize_groups(wg, scheme, vg, clip_lo, clip_hi).reshape(n, -1)[:, :k].to(w.dtype)
+
+
+def fake_quantize_groups(
+    wg: torch.Tensor,
+    scheme: QuantScheme,
+    vg: torch.Tensor | None = None,
+    clip_lo: torch.Tensor | None = None,
+    clip_hi: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quantize` on grouped tensors: ``wg``, ``vg`` ``[N, G, g]`` -> ``[N, G, g]`` fp32.
+
+    Rows are independent, so the Linears of a block that share K and a scheme can be stacked along N
+    and quantized in one pass (block training does: fewer, larger kernels)."""
+    s, z = scale_zero(wg, scheme, clip_lo, clip_hi, stats)
+    return (_codes(wg, s, z, scheme, vg) - z) * s
