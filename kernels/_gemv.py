@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import lshift, splitk_reduce, win
+from ._tl_common import group_zero, lshift, splitk_reduce, win
 
 
 @triton.jit
@@ -100,26 +100,19 @@ def _words3(w_ptr, k0, K, N, n_lo, cols, cmask, BKS: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
-def _scale_zero(s_ptr, z_ptr, gi, N, cols, cmask, BITS: tl.constexpr, BN: tl.constexpr, SYM: tl.constexpr,
-                EVEN_N: tl.constexpr):
-    """Group ``gi``'s scales and zeros of the columns, fp32 ``[BN]`` each."""
+def _scale_zero(s_ptr, z_ptr, gi, N, ZW, cols, cmask, BITS: tl.constexpr, ZMODE: tl.constexpr, EVEN_N: tl.constexpr):
+    """Group ``gi``'s scales and zeros of the columns, fp32 ``[BN]`` each (zeros: ``group_zero``)."""
     if EVEN_N:
         s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
     else:
         s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
-    if SYM:
-        z = tl.zeros([BN], dtype=tl.float32) + (1 << (BITS - 1))
-    elif EVEN_N:
-        z = tl.load(z_ptr + gi * N + cols).to(tl.float32)
-    else:
-        z = tl.load(z_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
-    return s, z
+    return s, group_zero(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
 
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                M, N, K, n_lo, ones, stride_xm, stride_om, k_per_split, n_split,
-                BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                M, N, K, n_lo, ZW, ones, stride_xm, stride_om, k_per_split, n_split,
+                BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr):
     """``out[M, N] = x[M, K] @ W[K, N]``, M <= BM <= 4; grid ``(cdiv(N, BN), n_split)``.
@@ -148,19 +141,19 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             ne, no, nh = _words3(w_ptr, k_start, K, N, n_lo, cols, cmask, BKS, MASKED)
         else:
             nw_ = _words(w_ptr, k_start, K, N, cols, cmask, BITS, BKS, MASKED)
-        s_n, z_n = _scale_zero(s_ptr, z_ptr, k_start // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+        s_n, z_n = _scale_zero(s_ptr, z_ptr, k_start // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
     for k0 in range(k_start, k_end, BKS):
         if PREFETCH:
             s, z = s_n, z_n
             kn = tl.minimum(k0 + BKS, k_last)
-            s_n, z_n = _scale_zero(s_ptr, z_ptr, kn // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+            s_n, z_n = _scale_zero(s_ptr, z_ptr, kn // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
             xt = tl.arange(0, XPF)  # touch the next tile's x: its lines are in L1 when the slots read them
             if EVEN_K:
                 xd += tl.load(x_ptr + kn + xt).to(tl.float32)
             else:
                 xd += tl.load(x_ptr + kn + xt, mask=kn + xt < K, other=0.0).to(tl.float32)
         else:
-            s, z = _scale_zero(s_ptr, z_ptr, k0 // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+            s, z = _scale_zero(s_ptr, z_ptr, k0 // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
         if BITS == 3:
             # Pair r2: low-plane rows 2*r2 (k = 32*r2 + j) and 2*r2+1 (k = 32*r2 + 16 + j), 2-bit
             # codes; high-plane row r2, bit j (k = 32*r2 + j), weight 4.
