@@ -1,9 +1,16 @@
 """Fused dequantize + GEMM on the tensor cores (``tl.dot``, fp32 accumulation), and a dequantize kernel.
 
-The GEMM builds each weight tile ``[BK, BN]`` in registers from the packed words (row ``k`` reads word
-row ``k // per_word``; the repeats hit L1), scales it and feeds it to ``tl.dot`` in the activation
-dtype. For large M, dequantize-then-cuBLAS (``dequant_kernel`` + ``torch.matmul``) can be faster: the
-dispatcher measures both.
+The GEMM builds each weight tile in registers from the packed words, scales it (to the reference's
+fp16/bf16 weight, bit for bit) and feeds it to ``tl.dot``. Two K loops: ``_packed_loop`` loads each
+word once and puts the weight tile first (swapped operands, for M = 1..16 and up); ``_gather_loop``
+reads row ``k``'s word row ``k // per_word`` (the repeats hit L1). For large M, dequantize-then-cuBLAS
+(``dequant_kernel`` + ``torch.mm``, whole or in L2-sized column chunks) can be faster: the dispatcher
+measures all of them.
+
+Taken from: the load-once unpack along a new register axis and the swapped operands for small M
+follow triton_kernels' mixed-precision matmul (weights upcast in registers as the MMA's A operand) and
+Marlin's small-batch layout; the magic-number int -> float (``2**23 + q`` by one OR) is the trick of
+Marlin/FasterTransformer's ``lop3`` dequantization in fp32 form; gemlite's GEMM takes the gather loop.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Written from the tuner's choices in an H200 run of ``benchmarks/kernels.py`` (graph-replay timing over
 rotating weight copies; shapes 4096x4096, 4096x14336, part of 14336x4096). Used when measuring is off
-(``AQSEARCH_AUTOTUNE=0``) or impossible (during CUDA-graph capture). ``benchmarks/kernels.py --write-tuned``
+(``AQSEARCH_AUTOTUNE=0``) or impossible (during CUDA-graph capture). ``benchmarks/kernels.py --all``
 regenerates it (its ``tuned.py``); entries of the removed one-dot-per-slot loop were dropped. Measured
 with fp16 zeros before the packed GEMM loop existed: rerun ``benchmarks/kernels.py --all`` and copy its
 ``tuned.py`` here."""
