@@ -310,8 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "run"), help="output folder")
     ap.add_argument("--run", default=None, help="run id stored with every record (default: time and machine)")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--budget-s", type=float, default=330, help="stop measuring kernels after this many seconds")
-    ap.add_argument("--decode-timeout-s", type=float, default=200)
+    ap.add_argument("--deadline-s", type=float, default=470, help="the whole run's wall-time limit: kernel points "
+                    "left when only --decode-s remain are skipped (acceptance points run first)")
+    ap.add_argument("--decode-s", type=float, default=170, help="seconds kept for the 8B decode")
     ap.add_argument("--table", default=None, metavar="JSONL", help="print the markdown table of a results file")
     args = ap.parse_args(argv)
     if args.table:
@@ -340,6 +341,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.all or args.dry_run:
         precompile(args)
+    args.budget_s = max(30.0, args.deadline_s - args.decode_s - (time.time() - t0))
     if args.dry_run:
         from aqsearch.kernels import dispatch  # the interpreter: two candidates a point keep it short
 
@@ -355,9 +357,9 @@ def main(argv=None) -> int:
             cmd += ["--dry-run"]
         log("decode: " + " ".join(cmd))
         try:
-            subprocess.run(cmd, timeout=args.decode_timeout_s, check=False)
+            subprocess.run(cmd, timeout=max(60.0, args.deadline_s - (time.time() - t0)), check=False)
         except subprocess.TimeoutExpired:
-            log(f"decode: stopped after {args.decode_timeout_s:.0f} s (records so far are in {dpath})")
+            log(f"decode: stopped at the deadline (records so far are in {dpath})")
     text = summary(rows, dpath)
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")
