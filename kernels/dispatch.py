@@ -38,6 +38,8 @@ _DISK_LOADED: set[str] = set()
 # Tile K of the GEMV per bits (a GEMV tile of R word rows x 8 columns a thread keeps ~64 words in
 # registers): (big, small).
 _GEMV_BKS = {2: (128, 64), 3: (64, 32), 4: (64, 32), 8: (32, 32)}
+# Tile K of the half2 GEMV: acc[R, BN, 2] fp16 plus the words stay in 255 registers (2 bits at 128 spill).
+_GEMV_H2_BKS = {2: 64, 3: 64, 4: 64, 8: 32}
 # GEMV shapes at M = 1: (BN, num_warps, big/small BKS, prefetch). BN / (32 * warps) columns a thread,
 # 8 or more: two 16-byte loads a word row (gemlite's and bitsandbytes' GEMVs load 16 bytes a thread too).
 _GEMV_M1 = ((256, 1, "big", False), (256, 1, "small", True), (512, 1, "small", True), (512, 2, "big", False),
@@ -86,6 +88,12 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
             s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
             for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1, 4)):
                 out.append({"path": "gemv", "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "prefetch": pf})
+        if m == 1:  # the packed half2 GEMV (_gemv_h2): fp16 x; bf16 x runs the fp32 kernel with the same tiles
+            bks = min(_GEMV_H2_BKS[bits], g)
+            for bn in (256, 512):
+                s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
+                for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
+                    out.append({"path": "gemv", "h2": True, "BN": bn, "BKS": bks, "num_warps": 1, "split": split})
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:
         for bn, bk, nw, st in ((128, pbk[0], 4, 3), (64, pbk[0], 4, 4), (128, pbk[-1], 8, 3)):

@@ -6,7 +6,8 @@ int32 ``(words, N)``, ``scales`` fp16 ``(G, N)``; ``zeros``: packed integers int
 config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` they run on CPU tensors.
 
 A config is a dict, JSON-friendly so the tuner can cache it:
-``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}``,
+``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}`` (``"h2": True``: the packed
+half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; otherwise, and for bf16 x, the fp32 one),
 ``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``,
 ``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 2048}`` (then cuBLAS; ``chunk``:
 columns dequantized at a time into one reused buffer that stays in L2, 0 for all at once).
@@ -24,7 +25,7 @@ import os
 
 import torch
 
-from . import _gemm, _gemv
+from . import _gemm, _gemv, _gemv_h2
 from .packing import effective_group
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
@@ -100,6 +101,15 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     if m > 4:
         raise ValueError(f"the GEMV kernel takes M <= 4 rows, got {m}")
     zm, zw = zmode(zeros)
+    if cfg.get("h2") and m == 1 and x.dtype == torch.float16:  # packed half2 arithmetic (fp16 x only)
+        _gemv_h2.gemv_h2_kernel[grid](
+            x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
+            n, k, n_lo, zw, ONES, out.stride(0), per, n_split,
+            BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
+            EVEN_K=k % bks == 0, EVEN_N=n % bn == 0,
+            num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
+        )
+        return out
     _gemv.gemv_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         m, n, k, n_lo, zw, ONES, x.stride(0), out.stride(0), per, n_split,

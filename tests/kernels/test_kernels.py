@@ -67,6 +67,33 @@ def test_gemv_m1(bits, group, shape):
     check(out, oracle(x, qw, s, z, bits, group, k), 1e-3)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("zeros", ("int", "f16", "sym"))
+def test_gemv_h2(bits, zeros):
+    """The packed half2 GEMV (``_gemv_h2``): even shape (mask-free loads), split-K, every zero format.
+
+    Bound 2e-3, not 1e-3: products are summed in fp16 in chains of at most R + per_word / 2 (<= 16)
+    before the fp32 flush, each rounding <= 2**-11 of the partial sum; on top of the fp16 output
+    rounding (~2e-4) that measured 4e-4 .. 8e-4 here (2/3/4/8 bits, three zero formats)."""
+    n, k = (64, 128) if bits != 3 else (32, 128)
+    qw, s, z = make(n, k, bits, 64, sym=zeros == "sym", zeros=zeros)
+    x = xin(1, k)
+    out = poisoned(1, n, x.dtype)
+    launch.gemv(x, qw, s, z, bits, 64, k, {"h2": True, "BN": 32, "BKS": 64 if bits != 8 else 32, "split": 2}, out=out)
+    check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_gemv_h2_masked(bits):
+    """Half2 GEMV with K and N off the tiles (masked words and x, a short last group, K % 32 != 0 at 3 bits)."""
+    n, k = 40, 104
+    qw, s, z = make(n, k, bits, 64)
+    x = xin(1, k)
+    out = poisoned(1, n, x.dtype)
+    launch.gemv(x, qw, s, z, bits, 64, k, {"h2": True, "BN": 32, "BKS": 32, "split": 1}, out=out)
+    check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
+
+
 @pytest.mark.parametrize("m", (2, 3))
 def test_gemv_several_rows(m):
     n, k = ODD
