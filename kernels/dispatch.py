@@ -90,10 +90,10 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
                 out.append({"path": "gemv", "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "prefetch": pf})
         if m == 1:  # the packed half2 GEMV (_gemv_h2): fp16 x; bf16 x runs the fp32 kernel with the same tiles
             bks = min(_GEMV_H2_BKS[bits], g)
-            for bn in (256, 512):
+            for bn, nw in ((256, 1), (512, 2)):  # 8 columns a thread: 16 would spill
                 s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
                 for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
-                    out.append({"path": "gemv", "h2": True, "BN": bn, "BKS": bks, "num_warps": 1, "split": split})
+                    out.append({"path": "gemv", "h2": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split})
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:
         for bn, bk, nw, st in ((128, pbk[0], 4, 3), (64, pbk[0], 4, 4), (128, pbk[-1], 8, 3)):
