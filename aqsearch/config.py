@@ -38,7 +38,7 @@ class QuantScheme:
     Every group stores an fp16 scale. Its zero (DESIGN.md, "Numerics"):
 
     - ``w4g64``: a ``bits``-bit integer, packed (GPTQ/AWQ/AutoRound layout): 16 + bits bits a group;
-    - ``w4g64f`` (``fzero``): an fp16 float zero, HQQ-style: 32 bits a group;
+    - ``w4g64f`` (``fzero``): the same zero stored in fp16, as before packed zeros: 32 bits a group;
     - ``w4g64s`` (``sym``): none, the middle code: 16 bits a group.
     """
 

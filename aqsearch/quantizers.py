@@ -6,9 +6,10 @@ Numerics (DESIGN.md): groups run along the input dimension K of a weight ``W[N, 
 Asymmetric: ``lo = min(min(w) * clip_lo, 0)``, ``hi = max(max(w) * clip_hi, 0)``,
 ``s = fp16((hi - lo) / (2^b - 1))``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (an integer: the default
 layout packs it in ``b`` bits), ``q = clamp(round(w / s + v) + z, 0, 2^b - 1)``, ``w' = (q - z) * s``.
-With an fp16 zero (``f`` schemes, HQQ-style) the zero is not rounded: ``z = fp16(-lo / s)``,
-``q = clamp(round(w / s + v + z), 0, 2^b - 1)``, so the grid's ends land on ``lo`` and ``hi``.
-``QTensor.zero`` holds either kind as fp16 values.
+``f`` schemes compute the same zero and store it as fp16 (``QTensor.zero`` is fp16 either way). A float
+zero that is not rounded (``fp16(-lo / s)``, HQQ-style) was measured on SmolLM2 with SignRound training
+at 200 steps (H200, whole test set): KL 1.563 against 1.014 at w2g64, 0.267 against 0.260 at w3g64, 0.071
+against 0.074 at w4g64; a worse trade at low bits, so the stored fp16 zero keeps the integer value.
 Symmetric: ``s = fp16(max|w| * clip_hi / (2^(b-1) - 1))`` and ``z = 2^(b-1)``, not stored.
 
 ``v`` (a rounding offset per weight) and ``clip_lo``/``clip_hi`` (per group) are the parameters
@@ -94,8 +95,6 @@ def scale_zero(
         hi = hi * clip_hi.unsqueeze(-1)
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     s = _fp16_ste((hi - lo) / scheme.qmax).clamp_min(FP16_TINY)
-    if scheme.fzero:
-        return s, torch.clamp(_fp16_ste(-lo / s), 0, scheme.qmax)
     z = torch.clamp(_round_ste(-lo / s), 0, scheme.qmax)
     return s, z
 
@@ -118,8 +117,6 @@ def _codes(wg, s, z, scheme, v):
     x = wg / s
     if v is not None:
         x = x + v
-    if scheme.fzero:  # a float zero shifts before rounding
-        return torch.clamp(_round_ste(x + z), 0, scheme.qmax)
     return torch.clamp(_round_ste(x) + z, 0, scheme.qmax)
 
 

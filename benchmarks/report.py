@@ -152,7 +152,23 @@ def search_table() -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[], str]] = {"search": search_table, "uniform": uniform_table, "progressive": progressive_table,
+def trainer_table() -> str:
+    """benchmarks/trainer.py: one row per (machine, settings, scheme, amp), the newest."""
+    recs = _latest(read_results(RESULTS / "trainer.jsonl"),
+                   lambda r: (r["env"]["machine"], r["calib_windows"], r["calib_seqlen"], r["steps"], r["tokens"],
+                              r["scheme"], r["amp"]))
+    lines = ["| machine | settings | scheme | zero | bpw | bytes | train s | ms/step | GPUs side by side | KL mean | "
+             "KL p99 | top-1 | ppl ratio |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r["tokens"], r["zero"], -r["bpw"])):
+        sett = (f"{r['calib_windows']}x{r['calib_seqlen']}, {r['steps']} steps, {'bf16' if r['amp'] else 'fp32'}, "
+                f"eval {r['tokens']:,} tok")
+        lines.append(f"| {r['env']['machine']} | {sett} | {r['scheme']} | {r['zero']} | {r['bpw']:.4f} | {r['bytes']:,} | "
+                     f"{r['train_seconds']:.1f} | {1e3 * r['seconds_per_step']:.1f} | {r.get('workers', 1)} | "
+                     f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table}
 
 
