@@ -189,11 +189,15 @@ def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> No
         study.enqueue_trial({})
 
 
-def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.FrozenTrial], uniform: bool) -> list[tuple[str, dict]]:
+def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.FrozenTrial], uniform: bool,
+                limit: int | None = None) -> list[tuple[str, dict]]:
+    """Uniform schemes (those within ``limit`` first, largest first: a short study still holds the best
+    uniform scheme that fits), then the plans given, then an earlier study's trials."""
     out = []
     if uniform:
         common = set.intersection(*(set(u.choices) for u in space.units)) - {FULL}
-        for c in sorted(common, key=lambda c: -space.bytes({u.name: c for u in space.units})):
+        size = {c: space.bytes({u.name: c for u in space.units}) for c in common}
+        for c in sorted(common, key=lambda c: (limit is not None and size[c] > limit, -size[c])):
             out.append((f"uniform {c}", {u.name: c for u in space.units}))
     for p in plans:
         out.append((f"plan {os.path.basename(p)}", space.params_of(Plan.load(p))))
@@ -265,7 +269,7 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     if fresh:
         earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
         warm = knapsack_starts(space, trainer, limit, settings.warm_knapsack) if trainer is not None else []
-        _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
+        _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform, limit))
     elif not worker:
         _queue(study, trials, [])
     if not settings.train:
