@@ -73,7 +73,7 @@ def test_console_script_exit_status():
 def test_main_job_end_to_end(capsys, tiny_dir, tmp_path):
     from aqsearch.search import load_study
 
-    rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--trials", "8", "--budget", "5bpw", "--eval-tokens", "64",
+    rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--trials", "6", "--budget", "5bpw", "--eval-tokens", "64",
                        "--seqlen", "32", "--workdir", str(tmp_path / "job"), "--json")
     res = json.loads(out)
     assert rc == 0 and res["picked"]["bytes"] <= res["budget_bytes"]
