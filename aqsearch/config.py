@@ -13,6 +13,7 @@ QuantScheme(bits=4, group=64, sym=False, fzero=False)
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -148,6 +149,26 @@ class Plan:
         """Concrete scheme for every layer name given."""
         return {n: self.scheme_for(n) for n in names}
 
+    def check_names(self, names: Iterable[str]) -> None:
+        """Refuse a plan that names a layer the model does not have, or whose regex matches none.
+
+        >>> Plan.from_layers({"model.layers.9.mlp.up_proj": "w4g64"}).check_names(["model.layers.0.mlp.up_proj"])
+        Traceback (most recent call last):
+        ...
+        aqsearch.errors.AqError: the plan names a layer the model does not have: model.layers.9.mlp.up_proj (its layers run from model.layers.0.mlp.up_proj to model.layers.0.mlp.up_proj)
+        """
+        names = list(names)
+        have = set(names)
+        for key, _ in self.entries:
+            if key == "_default" or key in have:
+                continue
+            if key.startswith("re:"):
+                if not any(re.fullmatch(key[3:], n) for n in names):
+                    raise AqError(f"the plan's pattern {key!r} matches no layer of the model")
+                continue
+            raise AqError(f"the plan names a layer the model does not have: {key}"
+                          + (f" (its layers run from {names[0]} to {names[-1]})" if names else ""))
+
     def to_json(self) -> dict:
         return {
             "version": PLAN_VERSION,
@@ -156,10 +177,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, obj: Mapping) -> Plan:
-        if not isinstance(obj, Mapping) or "layers" not in obj:
+        if not isinstance(obj, Mapping) or "layers" not in obj or "version" not in obj:
             raise AqError("invalid plan: expected a JSON object with 'version' and 'layers'")
-        if obj.get("version", PLAN_VERSION) not in READABLE_PLAN_VERSIONS:
-            raise AqError(f"invalid plan: version {obj.get('version')} is not supported (expected {PLAN_VERSION})")
+        if obj["version"] not in READABLE_PLAN_VERSIONS:
+            raise AqError(f"invalid plan: version {obj['version']!r} is not supported (expected {PLAN_VERSION})")
+        if not isinstance(obj["layers"], Mapping) or not all(
+                isinstance(v, str) or v is None for v in obj["layers"].values()):
+            raise AqError("invalid plan: 'layers' must map layer names to schemes (or null)")
         return cls.from_layers(obj["layers"])
 
     @classmethod
@@ -169,8 +193,10 @@ class Plan:
                 obj = json.load(f)
         except FileNotFoundError:
             raise AqError(f"plan file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AqError(f"plan file {path} is not valid JSON: {e}") from None
+        except IsADirectoryError:
+            raise AqError(f"plan file {path} is a folder") from None
         return cls.from_json(obj)
 
     def save(self, path: str, extra: Mapping | None = None) -> None:
@@ -186,20 +212,24 @@ class Plan:
 
 
 _BUDGET_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*([A-Za-z]*)\s*$")
+# binary units are powers of 1024, decimal ones powers of 1000 (70MB = 70,000,000 B; 70MiB = 73,400,320 B)
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_UNIT_NAMES = "B, KiB, MiB, GiB (powers of 1024), KB, MB, GB (powers of 1000) or bpw"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A memory target: bytes (``73400320``, ``70MiB``, ``1.5GiB``) or bits a weight (``3.5bpw``).
+    """A memory target: bytes (``73400320``, ``70MiB``, ``1.5GiB``, ``70MB``) or bits a weight (``3.5bpw``).
 
     A budget bounds ``bytes``: the stored bytes of the layers a plan governs (codes + scales +
-    zeros). ``bpw`` resolves against the number of weights in those layers.
+    zeros). ``bpw`` resolves against the number of weights in those layers. ``MiB``/``GiB`` are
+    2^20/2^30 bytes, ``MB``/``GB`` 10^6/10^9. No budget may exceed what the layers take in full
+    precision (fp16, 16 bits a weight): nothing would be left to decide.
 
     >>> Budget.parse("3.5bpw").resolve(n_weights=1000)
     437
-    >>> Budget.parse("1MiB").resolve(n_weights=10)
-    1048576
+    >>> Budget.parse("1MiB").resolve(n_weights=10**6), Budget.parse("1MB").resolve(n_weights=10**6)
+    (1048576, 1000000)
     """
 
     value: float
@@ -211,8 +241,10 @@ class Budget:
             return text
         m = _BUDGET_RE.match(str(text))
         if not m:
-            raise AqError(f"invalid budget {text!r}: expected bytes, e.g. 73400320, 70MiB, 1.5GiB or 3.5bpw")
+            raise AqError(f"invalid budget {text!r}: expected bytes, e.g. 73400320, 70MiB, 1.5GiB, 70MB, or 3.5bpw")
         num, unit = float(m.group(1)), m.group(2).lower()
+        if not math.isfinite(num):
+            raise AqError(f"invalid budget {text!r}: not a finite number")
         if num <= 0:
             raise AqError(f"invalid budget {text!r}: must be positive")
         if unit == "bpw":
@@ -220,14 +252,18 @@ class Budget:
                 raise AqError(f"invalid budget {text!r}: more than 32 bits a weight makes no sense")
             return cls(num, "bpw")
         if unit not in _UNITS:
-            raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use B, KiB, MiB, GiB or bpw)")
+            raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use {_UNIT_NAMES})")
         return cls(float(int(num * _UNITS[unit])), "bytes")
 
     def resolve(self, n_weights: int) -> int:
-        """Bytes allowed for layers holding ``n_weights`` weights."""
-        if self.unit == "bpw":
-            return int(self.value * n_weights // 8)
-        return int(self.value)
+        """Bytes allowed for layers holding ``n_weights`` weights; more than they take in full precision
+        (16 bits a weight) is refused."""
+        limit = int(self.value * n_weights // 8) if self.unit == "bpw" else int(self.value)
+        most = 2 * n_weights
+        if limit > most:
+            raise AqError(f"budget {self} is more than the {n_weights:,} weights it governs take in full precision "
+                          f"({most:,} B, 16 bpw): there is nothing to fit")
+        return limit
 
     def __str__(self) -> str:
         return f"{self.value:g}bpw" if self.unit == "bpw" else f"{int(self.value)}B"

@@ -175,7 +175,6 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     ``dtype`` is the compute dtype; default fp16 on CUDA and fp32 on the CPU (CPU half-precision
     matmuls are very slow). The stored tensors are fp16 either way.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -194,7 +193,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             q = QuantLinear(info["in_features"], info["out_features"], QuantScheme.parse(info["scheme"]),
                             bias=info["bias"], dtype=dtype)
             _set_module(model, name, q)
-    state = load_file(str(folder / "model.safetensors"))
+    state = _load_state(folder / "model.safetensors")
     if meta["version"] == 1:  # fp16 zeros of integer value -> the packed integer layout
         from aqsearch.kernels import pack_zeros
 
@@ -221,11 +220,25 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     return model, tok
 
 
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AqError(f"{path} not found: materialize the model again")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise AqError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from None
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> dict:
     """Greedy decoding: ``{"text", "tokens" (new ids), "seconds", "prompt_tokens", "tokens_per_second"}``."""
     dev = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
+    if ids.shape[1] == 0:
+        raise AqError(f"the prompt {prompt!r} has no tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     cfg = getattr(model, "generation_config", None)
@@ -248,14 +261,16 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32)
 
 def cmd_materialize(args) -> int:
     from aqsearch.cli import _emit, resolve_device
+    from aqsearch.io import check_output
     from aqsearch.models import load_model
-
     from aqsearch.weights import load_plan_tensors
 
-    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme else load_plan_tensors(args.plan)
+    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme is not None else load_plan_tensors(args.plan)
+    check_output(args.out, folder=True, force=args.force)
     device = resolve_device(args.device)
     t0 = time.time()
     loaded = load_model(args.model, device=device)
+    plan.check_names(l.name for l in decoder_layers(loaded.model))
     _log(f"quantizing the decoder Linears of {args.model}" + (f" ({len(trained)} trained)" if trained else ""))
     materialize(loaded.model, plan, qtensors=trained)
     meta = save(loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=args.model)
@@ -272,6 +287,8 @@ def cmd_generate(args) -> int:
     from aqsearch.cli import _emit, resolve_device
 
     folder = Path(args.dir)
+    if not args.prompt.strip():
+        raise AqError("--prompt is empty: give the text to continue")
     if not folder.is_dir():
         raise AqError(f"model folder not found: {args.dir}")
     device = resolve_device(args.device)
@@ -293,6 +310,7 @@ def register(sub) -> dict:
     g.add_argument("--plan", help="plan JSON file")
     g.add_argument("--scheme", help="uniform scheme, e.g. w4g64 or w3g32s")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("generate", help="greedy text generation with a materialized model")
     p.add_argument("dir", help="folder written by aqsearch materialize")

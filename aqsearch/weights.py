@@ -52,12 +52,17 @@ def load_qtensors(path: str | Path, sha256: str | None = None) -> dict[str, QTen
         raise AqError(f"weights file not found: {path}")
     if sha256 is not None and sha256_file(path) != sha256:
         raise AqError(f"weights file {path} does not match the sha256 its plan or journal records")
+    from safetensors import SafetensorError
+
     out = {}
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["schemes"])
-        for name, s in meta.items():
-            out[name] = QTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
-                                f.get_tensor(f"{name}.zero"), QuantScheme.parse(s))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["schemes"])
+            for name, s in meta.items():
+                out[name] = QTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
+                                    f.get_tensor(f"{name}.zero"), QuantScheme.parse(s))
+    except (SafetensorError, KeyError, ValueError, AttributeError) as e:  # not a file save_qtensors wrote
+        raise AqError(f"{path} is not a trained-weights file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return out
 
 
@@ -77,7 +82,11 @@ def load_plan_tensors(path: str | Path) -> tuple[Plan, dict[str, QTensor]]:
     """A plan file and its trained tensors (empty when it names no weights file)."""
     plan = Plan.load(str(path))
     w = json.loads(Path(path).read_text()).get("weights")
-    return plan, (load_qtensors(Path(path).parent / w["file"], w.get("sha256")) if w else {})
+    if w is None:
+        return plan, {}
+    if not (isinstance(w, dict) and isinstance(w.get("file"), str) and isinstance(w.get("sha256", ""), str)):
+        raise AqError(f"plan {path}: 'weights' must be {{\"file\": NAME, \"sha256\": HEX}}, got {json.dumps(w)[:60]}")
+    return plan, load_qtensors(Path(path).parent / w["file"], w.get("sha256"))
 
 
 def load_plan(path: str | Path) -> tuple[Plan, WeightFn]:

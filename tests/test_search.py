@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
@@ -181,14 +182,34 @@ def test_trial_taken_but_never_beating_is_run_again(tiny_dir, tmp_path):
     params = st.trials[1].params
     st.enqueue_trial(params)
     orphan = st.ask()  # RUNNING, no heartbeat: what a kill -9 inside Optuna's ask() leaves
+    orphan.set_constraint("memory", st.trials[1].system_attrs["constraints"][0])  # ... once the objective began
     assert st.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert not [w for w in caught if "constraint value is ignored" in str(w.message)]  # the rerun sets it once
     st = load_study(url, "o")
     assert st.trials[orphan.number].state == optuna.trial.TrialState.FAIL
     retried = [t for t in st.trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == params and retried[0].values == st.trials[1].values
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+def test_trials_is_the_total_the_study_reaches(tiny_dir, tmp_path, capsys):
+    """--trials N on a study of fewer trials queues the difference; on one of more, says so and adds none."""
+    url = f"sqlite:///{tmp_path}/g.db"
+    assert main(search_argv(tiny_dir, url, "g", 4)) == 0
+    first = {t.number: t.values for t in load_study(url, "g").trials}
+    capsys.readouterr()
+    assert main(search_argv(tiny_dir, url, "g", 7)) == 0
+    st = load_study(url, "g")
+    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 7
+    assert all(st.trials[n].values == v for n, v in first.items())  # the first four kept as they were
+    assert "adding 3 to reach 7" in capsys.readouterr().err
+    assert main(search_argv(tiny_dir, url, "g", 5)) == 0
+    err = capsys.readouterr().err
+    assert "already holds 7 trials, more than --trials 5" in err and len(load_study(url, "g").trials) == 7
 
 
 def test_two_workers_on_postgresql(tiny_dir, postgres_url):
@@ -201,14 +222,26 @@ def test_two_workers_on_postgresql(tiny_dir, postgres_url):
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
 
 
-def test_training_trials_record_their_compute(tiny_dir, tmp_path):
+def test_dominated_trial_is_pruned_and_saves_training(tiny_dir, tmp_path):
+    """Two warm starts: uniform w4g32 (finished and trained first), then a larger plan (w8g32 everywhere)
+    with one unit at w2g256, whose optimistic trained KL the regressor predicts above the first's: it must
+    be pruned after its prefixes, and the steps it did not run are the saving. A pruner that never prunes,
+    or crashes when it does (a FAIL trial), fails here."""
+    sp = build_space(tiny_model(), "layer")
+    names = [u.name for u in sp.units]
+    worse = {n: "w8g32" for n in names}
+    worse[names[0]] = "w2g256"
+    sp.plan({n: "w4g32" for n in names}).save(str(tmp_path / "a.json"))
+    sp.plan(worse).save(str(tmp_path / "b.json"))
+    assert sp.bytes(worse) > sp.bytes({n: "w4g32" for n in names})
     url = f"sqlite:///{tmp_path}/t.db"
-    assert main(search_argv(tiny_dir, url, "t", 8, "--train", "--steps", "10")) == 0
-    st = load_study(url, "t")
-    trained = [t for t in st.trials if "train_steps" in t.user_attrs]
-    assert trained and all(t.user_attrs["train_steps"] <= t.user_attrs["train_steps_full"] for t in trained)
-    complete = [t for t in trained if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete and all(t.user_attrs.get("trained_units") for t in complete)
-    for t in st.trials:
-        if t.state == optuna.trial.TrialState.PRUNED:
-            assert "predicted_kl_optimistic" in t.user_attrs and "pruned_because" in t.user_attrs
+    assert main(search_argv(tiny_dir, url, "t", 2, "--train", "--steps", "10", "--no-uniform", "--warm-knapsack", "0",
+                            "--warm-start", str(tmp_path / "a.json"), "--warm-start", str(tmp_path / "b.json"))) == 0
+    first, second = load_study(url, "t").trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and first.user_attrs["trained_units"]
+    assert first.user_attrs["train_steps"] == first.user_attrs["train_steps_full"] > 0
+    assert second.state == optuna.trial.TrialState.PRUNED
+    assert "dominated by trial 0" in second.user_attrs["pruned_because"]
+    assert second.user_attrs["predicted_kl_optimistic"] > first.values[0]
+    saved = sum(t.user_attrs["train_steps_full"] - t.user_attrs["train_steps"] for t in (first, second))
+    assert saved > 0 and 0 < second.user_attrs["train_steps"] < second.user_attrs["train_steps_full"]
