@@ -18,7 +18,9 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--scheme", "w5g64"], "bits must be one of"),
     (["eval", "--scheme", "w4g48"], "group size must be one of"),
-    (["eval", "--scheme", "w4g128x"], "expected w{bits}g{group}"),
+    (["eval", "--scheme", "w4g128x"], "unknown suffix 'x'"),
+    (["eval", "--scheme", "w4g64sf"], "expected w{bits}g{group}"),
+    (["materialize", "--scheme", "w4g64q", "--out", "never-written"], "unknown suffix 'q'"),
     (["eval", "--model", "/no/such/model.gguf", "--scheme", "w4g64"], "model file not found"),
     (["eval", "--model", "./no/such/dir", "--scheme", "w4g64"], "model path not found"),
     (["run", "--budget", "-3GiB"], "must be positive"),
