@@ -27,13 +27,26 @@ from aqsearch.errors import AqError
 from aqsearch.quantizers import QTensor
 
 
+def weights_path(out: str | Path) -> Path:
+    """Where a plan's trained weights go: beside it, ``plan.json`` -> ``plan.weights.safetensors``."""
+    return Path(out).with_suffix(".weights.safetensors")
+
+
+def check_plan_out(out: str, force: bool) -> None:
+    """Both files :func:`write_artifact` may write: writable, and not replacing anything unless ``force``."""
+    from aqsearch.io import check_output
+
+    check_output(out, "--out", force)
+    check_output(weights_path(out), "--out (its weights file)", force)
+
+
 def write_artifact(out: str | Path, plan: Plan, tensors: dict[str, QTensor], meta: dict | None = None) -> None:
     """Plan JSON plus, when there are trained tensors, its weights file beside it (both atomic)."""
     from aqsearch.weights import save_qtensors
 
     extra = {k: v for k, v in (meta or {}).items() if k not in ("version", "layers", "weights")}
     if tensors:
-        wpath = Path(out).with_suffix(".weights.safetensors")
+        wpath = weights_path(out)
         extra["weights"] = {"file": wpath.name, "sha256": save_qtensors(wpath, tensors)}
     plan.save(str(out), extra)
 
@@ -50,7 +63,11 @@ def read_artifact(path: str | Path) -> tuple[Plan, dict[str, QTensor]]:
 
     plan = Plan.load(str(path))
     w = json.loads(Path(path).read_text()).get("weights")
-    return plan, (load_qtensors(Path(path).parent / w["file"], w.get("sha256")) if w else {})
+    if w is None:
+        return plan, {}
+    if not (isinstance(w, dict) and isinstance(w.get("file"), str) and isinstance(w.get("sha256", ""), str)):
+        raise AqError(f"plan {path}: 'weights' must be {{\"file\": NAME, \"sha256\": HEX}}, got {json.dumps(w)[:60]}")
+    return plan, load_qtensors(Path(path).parent / w["file"], w.get("sha256"))
 
 
 def check_governed(plan: Plan | None, names: Iterable[str]) -> None:

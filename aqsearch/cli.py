@@ -11,6 +11,9 @@ import time
 from aqsearch.errors import AqError
 
 
+BUDGET_HELP = "memory budget: bytes, 70MiB, 1.5GiB (binary: 2^20, 2^30 B), 70MB, 1.5GB (decimal: 10^6, 10^9 B) or 3.5bpw"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
         raise AqError(f"{self.prog.split()[-1]}: {message}")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: search, front, pick by budget, evaluate (small settings)")
     _add_model(p)
     _add_data(p, eval_tokens=2048, seqlen=256)
-    p.add_argument("--budget", default="4.5bpw", help="memory budget: bytes, 70MiB, 1.5GiB or 3.5bpw")
+    p.add_argument("--budget", default="4.5bpw", help=BUDGET_HELP)
     p.add_argument("--trials", type=_positive_int, default=24)
     p.add_argument("--workdir", default="aqsearch-run", help="folder for the study, the plot and the plan")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_data(p, eval_tokens=2048, seqlen=256)
     p.add_argument("--schemes", default="w8g128,w4g64,w4g128,w3g64,w2g64", help="comma-separated schemes")
-    p.add_argument("--budget", default=None, help="memory budget: bytes, 70MiB, 1.5GiB or 3.5bpw")
+    p.add_argument("--budget", default=None, help=BUDGET_HELP)
     _plugins(sub)
     return ap
 
@@ -119,11 +122,14 @@ def cmd_eval(args) -> int:
     from aqsearch.quality import evaluate
 
     from aqsearch.apply import rtn_weight
+    from aqsearch.models import decoder_layers
     from aqsearch.weights import load_plan
 
-    plan, weight_fn = (Plan.uniform(args.scheme), rtn_weight) if args.scheme else (
-        load_plan(args.plan) if args.plan else (None, rtn_weight))
+    plan, weight_fn = (Plan.uniform(args.scheme), rtn_weight) if args.scheme is not None else (
+        load_plan(args.plan) if args.plan is not None else (None, rtn_weight))
     loaded, ev, ref, bs = _setup(args)
+    if plan is not None:
+        plan.check_names(l.name for l in decoder_layers(loaded.model))
     m = evaluate(loaded.model, ref, plan, weight_fn=weight_fn, batch_size=bs)
     obj = {"model": args.model, "scheme": args.scheme, "plan": args.plan, **m.to_json(),
            "seqlen": ev.seqlen, "eval_data": ev.describe(), "device": str(next(loaded.model.parameters()).device)}
@@ -137,7 +143,10 @@ def cmd_run(args) -> int:
     from aqsearch.job import run_job
     from aqsearch.models import load_model
 
+    from aqsearch.io import check_output
+
     Budget.parse(args.budget)
+    check_output(args.workdir, "--workdir", folder=True, keep=True)  # the study in it resumes; plan and plot are its own
     check_sources(args.calib_data, args.eval_data)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
@@ -164,6 +173,8 @@ def cmd_uniform(args) -> int:
     from aqsearch.models import decoder_layers
 
     schemes = [QuantScheme.parse(s) for s in args.schemes.split(",") if s.strip()]
+    if not schemes:
+        raise AqError(f"--schemes {args.schemes!r} names no scheme: give a comma-separated list such as w8g128,w4g64")
     budget = Budget.parse(args.budget) if args.budget else None
     loaded, ev, ref, bs = _setup(args)
     limit = budget_bytes(budget, decoder_layers(loaded.model)) if budget else None

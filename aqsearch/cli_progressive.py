@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import sys
 
-from aqsearch.cli import _add_data, _add_model, _emit, _positive_int, resolve_device
-from aqsearch.artifact import write_plan
+from aqsearch.cli import BUDGET_HELP, _add_data, _add_model, _emit, _positive_int, resolve_device
+from aqsearch.artifact import check_plan_out, write_plan
 from aqsearch.errors import AqError
+from aqsearch.io import check_output
 
 
 def register(sub) -> dict:
     p = sub.add_parser("progressive", help="progressive engine: a plan for a budget, block by block behind gates")
     _add_model(p)
-    p.add_argument("--budget", required=True, help="bytes, 70MiB, 1.5GiB or 3.5bpw")
+    p.add_argument("--budget", required=True, help=BUDGET_HELP)
     p.add_argument("--gate", default=None, help="kl=,p99=,ppl=,top1= (end to end) and mse= (per block); see README")
     p.add_argument("--out", required=True, help="plan JSON to write (trained weights beside it)")
     p.add_argument("--journal", required=True, help="rollback log (JSON lines); the same journal resumes a run")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows")
     p.add_argument("--calib-seqlen", type=_positive_int, default=256, help="calibration window length")
     p.add_argument("--steps", type=_positive_int, default=40, help="block-training steps")
@@ -28,6 +30,7 @@ def register(sub) -> dict:
     p = sub.add_parser("replay", help="rebuild the plan a journal's decisions lead to")
     p.add_argument("--journal", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true")
     return {"progressive": cmd_progressive, "replay": cmd_replay}
 
@@ -46,6 +49,8 @@ def cmd_progressive(args) -> int:
     from aqsearch.data import check_sources
 
     budget, gate = Budget.parse(args.budget), Gate.parse(args.gate)
+    check_plan_out(args.out, args.force)
+    check_output(args.journal, "--journal", keep=True)
     check_sources(args.calib_data, args.eval_data)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
@@ -80,13 +85,17 @@ def cmd_replay(args) -> int:
     from aqsearch.weights import load_qtensors, save_qtensors
 
     j = Journal(args.journal)
-    if not j.path.exists():
+    if not j.path.is_file():
         raise AqError(f"journal not found: {args.journal}")
+    check_plan_out(args.out, args.force)
     plan, trained_refs = replay(j)
     trained = {}
     for name, ref in trained_refs.items():
         trained[name] = load_qtensors(j.path.parent / ref["file"], ref["sha256"])[name]
     final = [r for r in j.records() if r["type"] == "final"]
+    if final and final[-1].get("meets_budget") is False:
+        print(f"aqsearch: warning: the run this journal records missed its budget: {final[-1]['bytes']:,} B of "
+              f"{final[-1]['budget_bytes']:,} B; the plan is its best attempt", file=sys.stderr)
     res = {"plan": plan.to_json(), "bytes": final[-1]["bytes"] if final else None,
            "bpw": final[-1]["bpw"] if final else None, "measurement": final[-1].get("measurement") if final else None}
     write_plan(args.out, res, trained, save_qtensors)

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from aqsearch.cli import _add_model, _emit, _nonneg_int, _positive_int, resolve_device
+from aqsearch.cli import BUDGET_HELP, _add_model, _emit, _nonneg_int, _positive_int, resolve_device
+from aqsearch.storage import check_storage
 
 
 def _add_study(p) -> None:
@@ -18,7 +19,7 @@ def register(sub) -> dict:
     p = sub.add_parser("search", help="Optuna study: the Pareto front of held-out KL against bytes")
     _add_model(p)
     _add_study(p)
-    p.add_argument("--budget", required=True, help="largest size of interest: bytes, 70MiB, 1.5GiB or 3.5bpw")
+    p.add_argument("--budget", required=True, help="largest size of interest; " + BUDGET_HELP[len("memory budget: "):])
     p.add_argument("--trials", type=_positive_int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=1, help="processes on this host (one per GPU if any)")
@@ -47,12 +48,14 @@ def register(sub) -> dict:
     p = sub.add_parser("front", help="the Pareto table of a study (and a plot)")
     _add_study(p)
     p.add_argument("--plot", default=None, help="write the front as an image (png, svg, pdf)")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("pick", help="the best plan of a study within a budget")
     _add_study(p)
-    p.add_argument("--budget", required=True)
+    p.add_argument("--budget", required=True, help=BUDGET_HELP)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true")
     return {"search": cmd_search, "front": cmd_front, "pick": cmd_pick}
 
@@ -67,6 +70,7 @@ def cmd_search(args) -> int:
     from aqsearch.search import SearchSettings, pareto_front, run_study
 
     Budget.parse(args.budget)
+    check_storage(args.storage, create=True)
     check_sources(args.calib_data)
     device = resolve_device(args.device)
     k = int(os.environ.get("AQSEARCH_WORKER", "0"))
@@ -99,8 +103,11 @@ def _table(points: list[dict]) -> str:
 
 
 def cmd_front(args) -> int:
-    from aqsearch.search import pareto_front, plot_front
+    from aqsearch.search import check_plot, pareto_front, plot_front
 
+    check_storage(args.storage, create=False)
+    if args.plot:
+        check_plot(args.plot, args.force)
     front = pareto_front(args.storage, args.study)
     if args.plot:
         plot_front(args.storage, args.study, args.plot)
@@ -109,10 +116,14 @@ def cmd_front(args) -> int:
 
 
 def cmd_pick(args) -> int:
-    from aqsearch.artifact import write_plan
+    from aqsearch.artifact import check_plan_out, write_plan
+    from aqsearch.config import Budget
     from aqsearch.search import pick
     from aqsearch.weights import save_qtensors
 
+    Budget.parse(args.budget)
+    check_storage(args.storage, create=False)
+    check_plan_out(args.out, args.force)
     plan, point, tensors = pick(args.storage, args.study, args.budget)
     write_plan(args.out, {"plan": plan.to_json(), "bytes": point["bytes"], "bpw": point["bpw"],
                           "measurement": point}, tensors, save_qtensors)

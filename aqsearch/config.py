@@ -3,16 +3,17 @@
 Everything here is frozen, hashable where it can be, and round-trips through JSON.
 
 >>> QuantScheme.parse("w4g64")
-QuantScheme(bits=4, group=64, sym=False)
->>> str(QuantScheme.parse("w3g32s"))
-'w3g32s'
+QuantScheme(bits=4, group=64, sym=False, fzero=False)
+>>> str(QuantScheme.parse("w3g32s")), QuantScheme.parse("w4g64f").zero_format
+('w3g32s', 'fp16')
 >>> Plan.uniform("w4g64").scheme_for("model.layers.0.mlp.up_proj")
-QuantScheme(bits=4, group=64, sym=False)
+QuantScheme(bits=4, group=64, sym=False, fzero=False)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -21,22 +22,31 @@ from aqsearch.errors import AqError
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256)
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# Version 1 plans (before integer zeros were packed) name the same quantization: their asymmetric
+# schemes already had integer-valued zeros, stored in fp16. They load unchanged; only the bytes shrink.
+READABLE_PLAN_VERSIONS = (1, 2)
 
-_SCHEME_RE = re.compile(r"^w(\d+)(?:g(\d+))?(s?)$")
+_SCHEME_RE = re.compile(r"^w(\d+)(?:g(\d+))?([a-z]?)$")
+_SUFFIXES = {"": "integer zero", "s": "symmetric", "f": "fp16 zero"}
 
 
 @dataclass(frozen=True, order=True)
 class QuantScheme:
-    """Bits, group size along the input dimension, symmetric or not.
+    """Bits, group size along the input dimension, and the zero's format.
 
     ``group=None`` means one group per output row (per-channel), written without ``g``: ``w8``.
-    Asymmetric groups store an fp16 scale and an fp16 zero (4 bytes), symmetric ones an fp16 scale.
+    Every group stores an fp16 scale. Its zero (DESIGN.md, "Numerics"):
+
+    - ``w4g64``: a ``bits``-bit integer, packed (GPTQ/AWQ/AutoRound layout): 16 + bits bits a group;
+    - ``w4g64f`` (``fzero``): the same zero stored in fp16, as before packed zeros: 32 bits a group;
+    - ``w4g64s`` (``sym``): none, the middle code: 16 bits a group.
     """
 
     bits: int
     group: int | None = 128
     sym: bool = False
+    fzero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -45,26 +55,41 @@ class QuantScheme:
             raise AqError(
                 f"invalid scheme: group size must be one of {', '.join(map(str, GROUPS))}, got {self.group}"
             )
+        if self.sym and self.fzero:
+            raise AqError("invalid scheme: a symmetric scheme stores no zero, so it has no fp16-zero form")
 
     @classmethod
     def parse(cls, text: str | QuantScheme) -> QuantScheme:
-        """``w{bits}g{group}[s]`` (``w4g64``, ``w3g32s``) or ``w{bits}[s]`` for per-channel."""
+        """``w{bits}g{group}[s|f]`` (``w4g64``, ``w3g32s``, ``w2g64f``) or ``w{bits}[s|f]`` per-channel."""
         if isinstance(text, QuantScheme):
             return text
         m = _SCHEME_RE.match(str(text).strip())
         if not m:
-            raise AqError(f"invalid scheme {text!r}: expected w{{bits}}g{{group}}[s], e.g. w4g64 or w3g32s")
-        bits, group, sym = int(m.group(1)), m.group(2), bool(m.group(3))
+            raise AqError(f"invalid scheme {text!r}: expected w{{bits}}g{{group}}[s|f], e.g. w4g64, w3g32s or w2g64f")
+        if m.group(3) not in _SUFFIXES:
+            raise AqError(f"invalid scheme {text!r}: unknown suffix {m.group(3)!r} "
+                          f"(none: integer zero, s: symmetric, f: fp16 zero)")
+        bits, group, sym, fzero = int(m.group(1)), m.group(2), m.group(3) == "s", m.group(3) == "f"
         if bits not in BITS:
             raise AqError(f"invalid scheme {text!r}: bits must be one of {', '.join(map(str, BITS))}")
         if group is not None and int(group) not in GROUPS:
             raise AqError(f"invalid scheme {text!r}: group size must be one of {', '.join(map(str, GROUPS))}")
-        return cls(bits, None if group is None else int(group), sym)
+        return cls(bits, None if group is None else int(group), sym, fzero)
 
     @property
-    def meta_bytes_per_group(self) -> int:
-        """fp16 scale (+ fp16 zero when asymmetric)."""
-        return 2 if self.sym else 4
+    def zero_format(self) -> str:
+        """How a group's zero is stored: ``"int"`` (packed, ``bits`` bits), ``"fp16"`` or ``"none"``."""
+        return "none" if self.sym else ("fp16" if self.fzero else "int")
+
+    @property
+    def meta_bits_per_group(self) -> int:
+        """Bits of metadata a group: the fp16 scale plus the zero as stored."""
+        return 16 + {"none": 0, "int": self.bits, "fp16": 16}[self.zero_format]
+
+    @property
+    def bpw(self) -> float:
+        """Bits a weight when the group divides the row and 32 divides the rows (the usual case)."""
+        return self.bits + (self.meta_bits_per_group / self.group if self.group else 0.0)
 
     @property
     def qmax(self) -> int:
@@ -72,12 +97,12 @@ class QuantScheme:
 
     def __str__(self) -> str:
         g = "" if self.group is None else f"g{self.group}"
-        return f"w{self.bits}{g}{'s' if self.sym else ''}"
+        return f"w{self.bits}{g}{'s' if self.sym else 'f' if self.fzero else ''}"
 
 
-def all_schemes(sym: bool = False) -> list[QuantScheme]:
+def all_schemes(sym: bool = False, fzero: bool = False) -> list[QuantScheme]:
     """Every grouped scheme, fewest bytes last: the candidate set of the engine and the search."""
-    return [QuantScheme(b, g, sym) for b in sorted(BITS, reverse=True) for g in GROUPS]
+    return [QuantScheme(b, g, sym, fzero and not sym) for b in sorted(BITS, reverse=True) for g in GROUPS]
 
 
 @dataclass(frozen=True)
@@ -87,7 +112,7 @@ class Plan:
     ``None`` keeps a layer in full precision. Exact names win over regexes, regexes are tried in
     order, ``_default`` applies last.
 
-    >>> p = Plan.from_json({"version": 1, "layers": {"_default": "w4g64", "re:.*down_proj": "w8g128"}})
+    >>> p = Plan.from_json({"version": 2, "layers": {"_default": "w4g64", "re:.*down_proj": "w8g128"}})
     >>> str(p.scheme_for("model.layers.3.mlp.down_proj"))
     'w8g128'
     """
@@ -124,6 +149,26 @@ class Plan:
         """Concrete scheme for every layer name given."""
         return {n: self.scheme_for(n) for n in names}
 
+    def check_names(self, names: Iterable[str]) -> None:
+        """Refuse a plan that names a layer the model does not have, or whose regex matches none.
+
+        >>> Plan.from_layers({"model.layers.9.mlp.up_proj": "w4g64"}).check_names(["model.layers.0.mlp.up_proj"])
+        Traceback (most recent call last):
+        ...
+        aqsearch.errors.AqError: the plan names a layer the model does not have: model.layers.9.mlp.up_proj (its layers run from model.layers.0.mlp.up_proj to model.layers.0.mlp.up_proj)
+        """
+        names = list(names)
+        have = set(names)
+        for key, _ in self.entries:
+            if key == "_default" or key in have:
+                continue
+            if key.startswith("re:"):
+                if not any(re.fullmatch(key[3:], n) for n in names):
+                    raise AqError(f"the plan's pattern {key!r} matches no layer of the model")
+                continue
+            raise AqError(f"the plan names a layer the model does not have: {key}"
+                          + (f" (its layers run from {names[0]} to {names[-1]})" if names else ""))
+
     def to_json(self) -> dict:
         return {
             "version": PLAN_VERSION,
@@ -132,10 +177,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, obj: Mapping) -> Plan:
-        if not isinstance(obj, Mapping) or "layers" not in obj:
+        if not isinstance(obj, Mapping) or "layers" not in obj or "version" not in obj:
             raise AqError("invalid plan: expected a JSON object with 'version' and 'layers'")
-        if obj.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise AqError(f"invalid plan: version {obj.get('version')} is not supported (expected {PLAN_VERSION})")
+        if obj["version"] not in READABLE_PLAN_VERSIONS:
+            raise AqError(f"invalid plan: version {obj['version']!r} is not supported (expected {PLAN_VERSION})")
+        if not isinstance(obj["layers"], Mapping) or not all(
+                isinstance(v, str) or v is None for v in obj["layers"].values()):
+            raise AqError("invalid plan: 'layers' must map layer names to schemes (or null)")
         return cls.from_layers(obj["layers"])
 
     @classmethod
@@ -145,8 +193,10 @@ class Plan:
                 obj = json.load(f)
         except FileNotFoundError:
             raise AqError(f"plan file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AqError(f"plan file {path} is not valid JSON: {e}") from None
+        except IsADirectoryError:
+            raise AqError(f"plan file {path} is a folder") from None
         return cls.from_json(obj)
 
     def save(self, path: str, extra: Mapping | None = None) -> None:
@@ -162,20 +212,24 @@ class Plan:
 
 
 _BUDGET_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)\s*([A-Za-z]*)\s*$")
+# binary units are powers of 1024, decimal ones powers of 1000 (70MB = 70,000,000 B; 70MiB = 73,400,320 B)
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_UNIT_NAMES = "B, KiB, MiB, GiB (powers of 1024), KB, MB, GB (powers of 1000) or bpw"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A memory target: bytes (``73400320``, ``70MiB``, ``1.5GiB``) or bits a weight (``3.5bpw``).
+    """A memory target: bytes (``73400320``, ``70MiB``, ``1.5GiB``, ``70MB``) or bits a weight (``3.5bpw``).
 
     A budget bounds ``bytes``: the stored bytes of the layers a plan governs (codes + scales +
-    zeros). ``bpw`` resolves against the number of weights in those layers.
+    zeros). ``bpw`` resolves against the number of weights in those layers. ``MiB``/``GiB`` are
+    2^20/2^30 bytes, ``MB``/``GB`` 10^6/10^9. No budget may exceed what the layers take in full
+    precision (fp16, 16 bits a weight): nothing would be left to decide.
 
     >>> Budget.parse("3.5bpw").resolve(n_weights=1000)
     437
-    >>> Budget.parse("1MiB").resolve(n_weights=10)
-    1048576
+    >>> Budget.parse("1MiB").resolve(n_weights=10**6), Budget.parse("1MB").resolve(n_weights=10**6)
+    (1048576, 1000000)
     """
 
     value: float
@@ -187,8 +241,10 @@ class Budget:
             return text
         m = _BUDGET_RE.match(str(text))
         if not m:
-            raise AqError(f"invalid budget {text!r}: expected bytes, e.g. 73400320, 70MiB, 1.5GiB or 3.5bpw")
+            raise AqError(f"invalid budget {text!r}: expected bytes, e.g. 73400320, 70MiB, 1.5GiB, 70MB, or 3.5bpw")
         num, unit = float(m.group(1)), m.group(2).lower()
+        if not math.isfinite(num):
+            raise AqError(f"invalid budget {text!r}: not a finite number")
         if num <= 0:
             raise AqError(f"invalid budget {text!r}: must be positive")
         if unit == "bpw":
@@ -196,14 +252,18 @@ class Budget:
                 raise AqError(f"invalid budget {text!r}: more than 32 bits a weight makes no sense")
             return cls(num, "bpw")
         if unit not in _UNITS:
-            raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use B, KiB, MiB, GiB or bpw)")
+            raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use {_UNIT_NAMES})")
         return cls(float(int(num * _UNITS[unit])), "bytes")
 
     def resolve(self, n_weights: int) -> int:
-        """Bytes allowed for layers holding ``n_weights`` weights."""
-        if self.unit == "bpw":
-            return int(self.value * n_weights // 8)
-        return int(self.value)
+        """Bytes allowed for layers holding ``n_weights`` weights; more than they take in full precision
+        (16 bits a weight) is refused."""
+        limit = int(self.value * n_weights // 8) if self.unit == "bpw" else int(self.value)
+        most = 2 * n_weights
+        if limit > most:
+            raise AqError(f"budget {self} is more than the {n_weights:,} weights it governs take in full precision "
+                          f"({most:,} B, 16 bpw): there is nothing to fit")
+        return limit
 
     def __str__(self) -> str:
         return f"{self.value:g}bpw" if self.unit == "bpw" else f"{int(self.value)}B"

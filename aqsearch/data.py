@@ -81,7 +81,14 @@ def read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise AqError(f"data file not found: {path}")
-    text = p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AqError(f"data file {path} is not UTF-8 text (byte {e.start}): binary data?") from None
+    if "\x00" in text:
+        raise AqError(f"data file {path} holds NUL bytes: binary data, not text")
+    text = text.replace("\r\n", "\n")
     if not text.strip():
         raise AqError(f"data file is empty: {path}")
     return text

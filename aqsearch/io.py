@@ -1,6 +1,9 @@
-"""Files: the user cache folder, atomic writes, content hashes.
+"""Files: the user cache folder, atomic writes, output checks, content hashes.
 
-Nothing is half-written: every writer goes to a temporary file in the same folder, then renames.
+Nothing is half-written: every writer goes to a temporary file in the same folder, then renames; the
+renamed file or folder gets the permissions the umask gives a new one (``mkstemp`` would leave 0600).
+Nothing is lost: :func:`check_output` refuses an existing non-empty output unless asked to replace it,
+and finds an unwritable one before any work starts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,72 @@ def cache_dir(*parts: str) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = False, folder: bool = False,
+                 keep: bool = False) -> Path:
+    """Refuse, before any work, an output the command could not write or should not replace.
+
+    - an existing non-empty file or folder is refused unless ``force`` (``keep``: it is expected and
+      appended to or reused, as a journal or a study's database is);
+    - a folder where a file is written is refused either way; a file where a folder is written, unless
+      ``force``;
+    - the folder it goes into must take a new file: one is created there and removed (missing parent
+      folders are created for it and removed again).
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); open(os.path.join(d, "plan.json"), "w").write("{}")
+    2
+    >>> check_output(os.path.join(d, "new.json")).name
+    'new.json'
+    >>> check_output(os.path.join(d, "plan.json"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    aqsearch.errors.AqError: --out: ... exists (use --force to replace it)
+    """
+    from aqsearch.errors import AqError
+
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise AqError(f"{flag}: an empty path")
+    if _exists(path):
+        if path.is_dir() and not folder:
+            raise AqError(f"{flag}: {path} is a folder, not a file")
+        if folder and not path.is_dir() and not force:
+            raise AqError(f"{flag}: {path} is a file, not a folder (use --force to replace it)")
+        nonempty = any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+        if nonempty and not (force or keep):
+            raise AqError(f"{flag}: {path} exists" + (" and is not empty" if path.is_dir() else "")
+                          + " (use --force to replace it)")
+        if not os.access(path, os.W_OK):
+            raise AqError(f"{flag}: {path} is not writable")
+    made, parent = [], path.absolute().parent
+    while not _exists(parent):
+        made.append(parent)
+        parent = parent.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.absolute().parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AqError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -34,6 +103,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -42,16 +112,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
+    (Whether ``path`` may be replaced is the caller's to decide first: :func:`check_output`.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+        mask = _umask()  # some writers (safetensors) create 0600 files whatever the umask
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        if _exists(path):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -57,18 +57,26 @@ class Journal:
     def records(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
             return
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             for n, line in enumerate(f, 1):
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     return  # torn last line from a crash mid-write
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise AqError(f"journal {self.path} is corrupt at line {n}") from None
+                    rec = json.loads(line.decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise AqError(f"journal {self.path} is corrupt at line {n} (not a JSON line)") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
+                    raise AqError(f"journal {self.path} is corrupt at line {n} (a record is a JSON object with a type)")
+                yield rec
 
     def header(self) -> dict[str, Any] | None:
+        """The start record (``None`` for an empty journal); one of another version is refused."""
         for r in self.records():
-            return r if r.get("type") == "start" else None
+            if r["type"] != "start":
+                return None
+            if r.get("version") != VERSION:
+                raise AqError(f"journal {self.path} has version {r.get('version')!r}; this aqsearch reads version {VERSION}")
+            return r
         return None
 
     def save_block_weights(self, name: str, block: int, tensors: dict) -> dict:
@@ -130,6 +138,8 @@ def replay(journal: Journal) -> tuple[Plan, dict[str, dict]]:
             polished[r["block"]] = r
         elif t == "final":
             final = r
+    if not isinstance(head.get("n_blocks"), int):
+        raise AqError(f"journal {journal.path}: its start record does not say how many blocks the model has")
     if len(blocks) < head["n_blocks"]:
         raise AqError(f"journal {journal.path} is unfinished: {len(blocks)} of {head['n_blocks']} blocks done; "
                       "run the same progressive command again to resume it")

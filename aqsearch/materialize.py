@@ -1,7 +1,7 @@
 """Turn a plan into a real low-bit model: pack, swap in ``QuantLinear``, save, load, generate.
 
 A saved model is a folder (written atomically) holding ``model.safetensors`` (packed ``qweight``,
-fp16 ``scales``/``zeros`` for each quantized decoder Linear; every other tensor in fp16, tied
+fp16 ``scales`` and packed integer (or fp16, ``f`` schemes) ``zeros`` for each quantized decoder Linear; every other tensor in fp16, tied
 tensors once), ``plan.json`` (the plan resolved to exact layer names), ``aqsearch.json`` (format,
 per-layer shapes and schemes, byte counts), the model's ``config.json`` and its tokenizer. The bytes
 of the decoder Linears' tensors in ``model.safetensors`` equal ``plan_bytes(model, plan).bytes``.
@@ -40,7 +40,9 @@ from aqsearch.models import BLOCK_LINEARS, FUSED, LayerInfo, decoder_blocks, dec
 from aqsearch.quantlinear import QuantLinear
 
 FORMAT = "aqsearch-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 stored every asymmetric zero as fp16 (integer values): it loads, its zeros packed on the way in.
+READABLE_VERSIONS = (1, 2)
 _PACKED = ("qweight", "scales", "zeros")
 
 
@@ -165,7 +167,7 @@ def _read_meta(folder: Path) -> dict:
         raise AqError(f"not a materialized model folder (no aqsearch.json): {folder}") from None
     except json.JSONDecodeError as e:
         raise AqError(f"{folder / 'aqsearch.json'} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise AqError(f"{folder}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
     return meta
 
@@ -176,7 +178,6 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     ``dtype`` is the compute dtype; default fp16 on CUDA and fp32 on the CPU (CPU half-precision
     matmuls are very slow). The stored tensors are fp16 either way.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -195,7 +196,14 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             q = QuantLinear(info["in_features"], info["out_features"], QuantScheme.parse(info["scheme"]),
                             bias=info["bias"], dtype=dtype)
             _set_module(model, name, q)
-    state = load_file(str(folder / "model.safetensors"))
+    state = _load_state(folder / "model.safetensors")
+    if meta["version"] == 1:  # fp16 zeros of integer value -> the packed integer layout
+        from aqsearch.kernels import pack_zeros
+
+        for name, info in meta["layers"].items():
+            scheme = info["scheme"] and QuantScheme.parse(info["scheme"])
+            if scheme and scheme.zero_format == "int" and f"{name}.zeros" in state:
+                state[f"{name}.zeros"] = pack_zeros(state[f"{name}.zeros"].float(), scheme.bits)
     for k, t in state.items():
         if t.is_floating_point() and k.rsplit(".", 1)[-1] not in ("scales", "zeros"):
             state[k] = t.to(dtype)
@@ -215,11 +223,25 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     return model, tok
 
 
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AqError(f"{path} not found: materialize the model again")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise AqError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from None
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> dict:
     """Greedy decoding: ``{"text", "tokens" (new ids), "seconds", "prompt_tokens", "tokens_per_second"}``."""
     dev = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
+    if ids.shape[1] == 0:
+        raise AqError(f"the prompt {prompt!r} has no tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     cfg = getattr(model, "generation_config", None)
@@ -242,14 +264,16 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32)
 
 def cmd_materialize(args) -> int:
     from aqsearch.cli import _emit, resolve_device
+    from aqsearch.io import check_output
     from aqsearch.models import load_model
-
     from aqsearch.weights import load_plan_tensors
 
-    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme else load_plan_tensors(args.plan)
+    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme is not None else load_plan_tensors(args.plan)
+    check_output(args.out, folder=True, force=args.force)
     device = resolve_device(args.device)
     t0 = time.time()
     loaded = load_model(args.model, device=device)
+    plan.check_names(l.name for l in decoder_layers(loaded.model))
     _log(f"quantizing the decoder Linears of {args.model}" + (f" ({len(trained)} trained)" if trained else ""))
     materialize(loaded.model, plan, qtensors=trained)
     meta = save(loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=args.model)
@@ -266,6 +290,8 @@ def cmd_generate(args) -> int:
     from aqsearch.cli import _emit, resolve_device
 
     folder = Path(args.dir)
+    if not args.prompt.strip():
+        raise AqError("--prompt is empty: give the text to continue")
     if not folder.is_dir():
         raise AqError(f"model folder not found: {args.dir}")
     device = resolve_device(args.device)
@@ -287,6 +313,7 @@ def register(sub) -> dict:
     g.add_argument("--plan", help="plan JSON file")
     g.add_argument("--scheme", help="uniform scheme, e.g. w4g64 or w3g32s")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("generate", help="greedy text generation with a materialized model")
     p.add_argument("dir", help="folder written by aqsearch materialize")

@@ -5,7 +5,10 @@ Stored layout of a quantized layer ``W[N, K]`` (the layout ``aqsearch.kernels`` 
 - codes: each output column's K codes packed along K into 32-bit words, ``ceil(K * b / 32)`` words
   a column; 3 bits as a 2-bit plane plus a 1-bit plane, ``ceil(2K / 32) + ceil(K / 32)`` words. This is
   exactly ``ceil(N * K * b / 8)`` bytes whenever ``K * b`` is a multiple of 32 (every real model).
-- metadata: ``ceil(K / g)`` groups a column, each an fp16 scale and, when asymmetric, an fp16 zero.
+- metadata: ``G = ceil(K / g)`` groups a column, each an fp16 scale, and a zero as the scheme stores it:
+  integer zeros (the default) packed along N into 32-bit words, ``zero_words(N, b)`` words for each of
+  the G group rows (exactly ``b`` bits a zero whenever 32 divides N, as in every real model; otherwise
+  the padding to the last word is counted); fp16 zeros (``f`` schemes) 2 bytes each; none when symmetric.
 
 Everything else (embeddings, norms, biases, layers a plan keeps in full precision) counts at the
 stored dtype of the materialized model: fp16, 2 bytes an element. Tied weights count once.
@@ -14,6 +17,8 @@ stored dtype of the materialized model: fp16, 2 bytes an element. Tied weights c
 is ``8 * bytes / weights`` over them, ``bytes_total`` the whole model.
 
 >>> layer_bytes(576, 576, QuantScheme(4, 128))  # 4 full groups and one of 64 a row
+172224
+>>> layer_bytes(576, 576, QuantScheme(4, 128, fzero=True))
 177408
 """
 
@@ -38,11 +43,23 @@ def code_words(k: int, bits: int) -> int:
     return -(-k * bits // 32)
 
 
+def zero_bytes(n: int, groups: int, scheme: QuantScheme) -> int:
+    """Bytes of the zeros of ``groups`` group rows of ``n`` columns, as stored."""
+    fmt = scheme.zero_format
+    if fmt == "none":
+        return 0
+    if fmt == "fp16":
+        return n * groups * 2
+    return groups * code_words(n, scheme.bits) * 4  # packed along N, the codes' word layout
+
+
 def layer_bytes(n: int, k: int, scheme: QuantScheme | None, dtype_bytes: int = STORED_DTYPE_BYTES) -> int:
-    """Stored bytes of a Linear ``W[n, k]`` under ``scheme`` (``None``: kept at ``dtype_bytes``)."""
+    """Stored bytes of a Linear ``W[n, k]`` under ``scheme`` (``None``: kept at ``dtype_bytes``):
+    codes + fp16 scales + zeros, exactly the tensors of the materialized checkpoint."""
     if scheme is None:
         return n * k * dtype_bytes
-    return n * code_words(k, scheme.bits) * 4 + n * n_groups(k, scheme) * scheme.meta_bytes_per_group
+    g = n_groups(k, scheme)
+    return n * code_words(k, scheme.bits) * 4 + n * g * 2 + zero_bytes(n, g, scheme)
 
 
 @dataclass(frozen=True)

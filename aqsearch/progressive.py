@@ -24,6 +24,8 @@ journal resumes after its last finished block and ends with the same plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import resource
 import sys
@@ -37,6 +39,7 @@ from aqsearch.config import Budget, Gate, Plan, QuantScheme
 from aqsearch.curves import CurveRegressor, early_stopper
 from aqsearch.data import TokenSet
 from aqsearch.errors import AqError
+from aqsearch.journal import VERSION as JOURNAL_VERSION
 from aqsearch.journal import Journal
 from aqsearch.memory import format_bytes, layer_bytes
 from aqsearch.models import FUSED, LoadedModel, decoder_blocks, decoder_layers
@@ -85,6 +88,13 @@ class Engine:
         self.n_weights = sum(l.numel for l in self.layers)
         self.budget = Budget.parse(budget)
         self.limit = self.budget.resolve(self.n_weights)
+        from aqsearch.rebalance import absolute_floor
+
+        floor = absolute_floor(self)  # every layer at the smallest scheme: no run can end below it
+        if self.limit < floor:
+            raise AqError(f"budget {format_bytes(self.limit)} ({self.limit:,} B) is below the smallest plan the engine "
+                          f"can make: {format_bytes(floor)} ({floor:,} B, {8 * floor / self.n_weights:.3f} bpw, the "
+                          f"smallest scheme everywhere)")
         self.block_weights = [sum(l.numel for l in self.layers if l.block == i) for i in range(len(self.blocks))]
         self.shapes = {(l.block, l.suffix): (l.out_features, l.in_features) for l in self.layers}
         self.decided: dict[int, dict] = {}
@@ -283,7 +293,7 @@ class Engine:
             for u in UNITS:
                 q = None if state[u] is None else QuantScheme.parse(state[u])
                 g = None if q is None or q.group is None else int(q.group * factor)
-                c[u] = state[u] if g not in s.groups else str(QuantScheme(q.bits, g, q.sym))
+                c[u] = state[u] if g not in s.groups else str(dataclasses.replace(q, group=g))
             if c != state:
                 cands.append(c)
         for c in cands:
@@ -292,7 +302,7 @@ class Engine:
 
     # ---- the whole run -----------------------------------------------------------------------
     def header(self) -> dict:
-        return {"type": "start", "version": 1, "model": self.loaded.name, "fingerprint": self.loaded.fingerprint,
+        return {"type": "start", "version": JOURNAL_VERSION, "model": self.loaded.name, "fingerprint": self.loaded.fingerprint,
                 "budget": str(self.budget), "budget_bytes": self.limit, "gate": str(self.gate),
                 "settings": asdict(self.s), "calib": self.calib.hash, "eval": self.evalset.hash if self.evalset else None,
                 "n_blocks": len(self.blocks), "regressor": self._reg_id}

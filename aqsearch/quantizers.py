@@ -4,8 +4,12 @@ Numerics (DESIGN.md): groups run along the input dimension K of a weight ``W[N, 
 ``ceil(K / g)`` groups and the last one is shorter when ``g`` does not divide ``K``.
 
 Asymmetric: ``lo = min(min(w) * clip_lo, 0)``, ``hi = max(max(w) * clip_hi, 0)``,
-``s = fp16((hi - lo) / (2^b - 1))``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (an integer, stored in
-fp16), ``q = clamp(round(w / s + v) + z, 0, 2^b - 1)``, ``w' = (q - z) * s``.
+``s = fp16((hi - lo) / (2^b - 1))``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (an integer: the default
+layout packs it in ``b`` bits), ``q = clamp(round(w / s + v) + z, 0, 2^b - 1)``, ``w' = (q - z) * s``.
+``f`` schemes compute the same zero and store it as fp16 (``QTensor.zero`` is fp16 either way). A float
+zero that is not rounded (``fp16(-lo / s)``, HQQ-style) was measured on SmolLM2 with SignRound training
+at 200 steps (H200, whole test set): KL 1.563 against 1.014 at w2g64, 0.267 against 0.260 at w3g64, 0.071
+against 0.074 at w4g64; a worse trade at low bits, so the stored fp16 zero keeps the integer value.
 Symmetric: ``s = fp16(max|w| * clip_hi / (2^(b-1) - 1))`` and ``z = 2^(b-1)``, not stored.
 
 ``v`` (a rounding offset per weight) and ``clip_lo``/``clip_hi`` (per group) are the parameters
@@ -59,22 +63,32 @@ def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.to(torch.float16).to(x.dtype) - x).detach()
 
 
+def group_stats(wg: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, ...]:
+    """What the scale and zero are computed from, each ``[N, G, 1]``: ``(max|w|,)`` when symmetric, else
+    ``(min w, max w)``. Constant for a weight, so block training computes it once a run."""
+    if scheme.sym:
+        return (wg.abs().amax(dim=-1, keepdim=True),)
+    return wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+
+
 def scale_zero(
     wg: torch.Tensor,
     scheme: QuantScheme,
     clip_lo: torch.Tensor | None = None,
     clip_hi: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero (fp32 values that fp16 holds exactly), each ``[N, G, 1]``, from grouped ``wg``."""
+    """Scale and zero (fp32 values that fp16 holds exactly), each ``[N, G, 1]``, from grouped ``wg``
+    (or from its :func:`group_stats`, when given)."""
+    stats = group_stats(wg, scheme) if stats is None else stats
     if scheme.sym:
-        amax = wg.abs().amax(dim=-1, keepdim=True)
+        amax = stats[0]
         if clip_hi is not None:
             amax = amax * clip_hi.unsqueeze(-1)
         s = _fp16_ste(amax / ((1 << (scheme.bits - 1)) - 1)).clamp_min(FP16_TINY)
         z = torch.full_like(s, float(1 << (scheme.bits - 1)))
         return s, z
-    lo = wg.amin(dim=-1, keepdim=True)
-    hi = wg.amax(dim=-1, keepdim=True)
+    lo, hi = stats
     if clip_lo is not None:
         lo = lo * clip_lo.unsqueeze(-1)
     if clip_hi is not None:
@@ -146,6 +160,20 @@ def fake_quantize(
     n, k = w.shape
     wg = group_view(w.float(), scheme)
     vg = None if v is None else group_view(v, scheme)
-    s, z = scale_zero(wg, scheme, clip_lo, clip_hi)
-    out = (_codes(wg, s, z, scheme, vg) - z) * s
-    return out.reshape(n, -1)[:, :k].to(w.dtype)
+    return fake_quantize_groups(wg, scheme, vg, clip_lo, clip_hi).reshape(n, -1)[:, :k].to(w.dtype)
+
+
+def fake_quantize_groups(
+    wg: torch.Tensor,
+    scheme: QuantScheme,
+    vg: torch.Tensor | None = None,
+    clip_lo: torch.Tensor | None = None,
+    clip_hi: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quantize` on grouped tensors: ``wg``, ``vg`` ``[N, G, g]`` -> ``[N, G, g]`` fp32.
+
+    Rows are independent, so the Linears of a block that share K and a scheme can be stacked along N
+    and quantized in one pass (block training does: fewer, larger kernels)."""
+    s, z = scale_zero(wg, scheme, clip_lo, clip_hi, stats)
+    return (_codes(wg, s, z, scheme, vg) - z) * s

@@ -3,7 +3,9 @@
 Buffers (what ``state_dict`` and the checkpoint hold, exactly the bytes ``aqsearch.memory`` counts):
 
 - ``qweight``: int32 ``(code_words(K, bits), N)``, codes packed along K (``aqsearch.kernels.packing``)
-- ``scales``: fp16 ``(ceil(K / g), N)``; ``zeros``: fp16 ``(ceil(K / g), N)``, absent when symmetric
+- ``scales``: fp16 ``(G, N)``, ``G = ceil(K / g)``
+- ``zeros``: integer zeros packed along N, int32 ``(G, zero_words(N, bits))`` (the default scheme,
+  ``aqsearch.kernels.pack_zeros``); fp16 ``(G, N)`` for ``f`` schemes; absent when symmetric
 - ``bias``: ``[N]`` in the model dtype, or absent
 
 The forward pass runs the Triton kernels on CUDA and the pure-torch reference elsewhere (which
@@ -49,7 +51,10 @@ class QuantLinear(nn.Module):
         words = kernels.code_words(in_features, scheme.bits)
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(g, out_features, dtype=torch.float16, device=device))
-        zeros = None if scheme.sym else torch.zeros(g, out_features, dtype=torch.float16, device=device)
+        fmt = scheme.zero_format
+        zeros = (None if fmt == "none" else
+                 torch.zeros(g, out_features, dtype=torch.float16, device=device) if fmt == "fp16" else
+                 torch.zeros(g, kernels.zero_words(out_features, scheme.bits), dtype=torch.int32, device=device))
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.backend = "auto"  # "auto", "triton" or "torch"
@@ -67,8 +72,10 @@ class QuantLinear(nn.Module):
         if qt.scheme.sym:
             if not torch.all(qt.zero == float(1 << (qt.scheme.bits - 1))):
                 raise ValueError("symmetric QTensor with a zero other than 2**(bits-1)")
-        else:
+        elif qt.scheme.fzero:
             out.zeros.copy_(qt.zero.t())
+        else:
+            out.zeros.copy_(kernels.pack_zeros(qt.zero.t(), qt.scheme.bits))
         if bias is not None:
             out.bias.copy_(bias.detach().to(dtype))
         return out
@@ -108,7 +115,7 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, recurse)
         for name in ("scales", "zeros"):  # metadata stays fp16 through model.to(dtype): it is what is counted
             t = getattr(self, name)
-            if t is not None and t.dtype != torch.float16:
+            if t is not None and t.is_floating_point() and t.dtype != torch.float16:
                 setattr(self, name, t.half())
         return out
 

@@ -15,7 +15,7 @@ allow.
 from __future__ import annotations
 
 from aqsearch.config import QuantScheme
-from aqsearch.memory import layer_bytes
+from aqsearch.memory import smallest_bytes
 
 
 def _apply(eng, i: int, entry: dict, decision: str, why: str) -> None:
@@ -42,8 +42,7 @@ def gated_floor(eng) -> int:
 
 def absolute_floor(eng) -> int:
     """Fewest bytes any plan over the engine's schemes can take."""
-    schemes = [QuantScheme(b, g) for b in eng.s.ladder for g in eng.s.groups]
-    return sum(min(layer_bytes(l.out_features, l.in_features, s) for s in schemes) for l in eng.layers)
+    return smallest_bytes(eng.layers, [QuantScheme(b, g) for b in eng.s.ladder for g in eng.s.groups])
 
 
 def rebalance(eng) -> None:

@@ -32,8 +32,7 @@ def scheme_cost(choice: str) -> float:
         q = QuantScheme.parse(choice)
     except Exception:
         return 16.0
-    per_group = 16 if q.sym else 32
-    return q.bits + (per_group / q.group if q.group else 0.0)
+    return q.bpw
 
 
 def feasible_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -73,7 +72,7 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
             parent = front[self.rng.randint(len(front))]
             child = {k: parent.params[k] for k in names}
             for _ in range(self.rng.randint(1, self.max_moves + 1)):
-                if self.rng.rand() < 0.5:
+                if len(names) < 2 or self.rng.rand() < 0.5:  # a trade needs two units
                     self._step(child, ladders, names[self.rng.randint(len(names))], self.rng.choice((-1, 1)))
                 else:
                     a, b = self.rng.choice(len(names), size=2, replace=False)

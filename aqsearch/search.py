@@ -14,8 +14,9 @@ optuna-dashboard shows it); otherwise the candidate is finished and the trial sc
 
 Storage: SQLite by default (one process); any RDB URL (PostgreSQL) for several workers and machines;
 ``journal:///path`` for several processes on one host. RDB storages get heartbeats: a trial whose
-worker died is marked failed and run again with the same parameters. The study holds exactly
-``trials`` queued trials; workers take them one at a time until the queue is empty.
+worker died is marked failed and run again with the same parameters. ``trials`` is the number of trials
+the study should hold: a fresh study queues that many, one that holds fewer queues the difference, one
+stopped midway goes on with its queue; workers take queued trials one at a time until none is left.
 
 >>> # see README "Search" for a runnable example; tests/test_search.py runs studies on a tiny model
 """
@@ -41,6 +42,7 @@ from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
 from aqsearch.quality import Measurement, build_reference, evaluate
 from aqsearch.space import FULL, Space, build_space
+from aqsearch.storage import load_study, make_storage, safe_url, storage_file  # noqa: F401 (re-exported)
 from aqsearch.weights import trained_weight_fn
 
 # heartbeats, set_constraint and objective names are marked experimental; they are what we need
@@ -80,23 +82,6 @@ class SearchSettings:
     warm_budgets: tuple[int, ...] = ()  # knapsack starts at exactly these byte budgets (else spread evenly)
 
 
-def make_storage(url: str, heartbeat: int = 30):
-    """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials."""
-    if url.startswith("journal://"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    if not url.startswith(("sqlite://", "postgresql", "mysql")):
-        raise AqError(f"unsupported storage {url!r}: use sqlite:///file.db, postgresql://..., or journal:///file")
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
-    except Exception as e:
-        raise AqError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
-
-
 def make_sampler(s: SearchSettings):
     if s.sampler == "tpe":
         # multivariate + group TPE. On SmolLM2's 210 layer units its samples stayed far from the front on
@@ -109,13 +94,6 @@ def make_sampler(s: SearchSettings):
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population)
     raise AqError(f"unknown sampler {s.sampler!r}: use tpe, nsga2 or local")
-
-
-def load_study(storage: str, name: str) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=name, storage=make_storage(storage))
-    except KeyError:
-        raise AqError(f"no study named {name!r} in {storage}") from None
 
 
 class Objective:
@@ -133,7 +111,10 @@ class Objective:
         params = {u.name: trial.suggest_categorical(u.name, list(u.choices)) for u in self.space.units}
         plan = self.space.plan(params)
         nbytes = self.space.bytes(params)
-        trial.set_constraint("memory", float(nbytes - self.limit))
+        # a trial run again after its worker died carries the constraint its first run set (the same
+        # parameters, so the same value): setting it again would only make Optuna warn
+        if "constraints:memory" not in trial.storage.get_trial_system_attrs(trial._trial_id):
+            trial.set_constraint("memory", float(nbytes - self.limit))
         trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(nbytes - self.limit)])
         if self.bank is not None:
             m = self.scored_from_bank(trial, params, plan, nbytes)
@@ -180,19 +161,35 @@ class Objective:
 
 
 def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> None:
-    """Warm starts first, then blank trials, ``trials`` in all (for a fresh study; one that holds trials
-    continues with the queue it has)."""
-    for label, params in warm[:trials]:
+    """Make ``trials`` the number of trials the study holds (finished, running or queued; failed ones
+    are run again, so they do not count): a fresh study gets the warm starts first, then blank trials
+    (the sampler's); one that holds fewer gets blank trials for the difference; one that holds more
+    keeps them, and says so."""
+    held = len([t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL])
+    if held > trials:
+        print(f"aqsearch: warning: study {study.study_name!r} already holds {held} trials, more than --trials "
+              f"{trials}: none added", file=sys.stderr)
+        return
+    if held:
+        warm = []
+        if held < trials:
+            print(f"aqsearch: study {study.study_name!r} holds {held} trials: adding {trials - held} to reach {trials}",
+                  file=sys.stderr)
+    for label, params in warm[:trials - held]:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
-    for _ in range(trials - min(len(warm), trials)):
+    for _ in range(trials - held - min(len(warm), trials - held)):
         study.enqueue_trial({})
 
 
-def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.FrozenTrial], uniform: bool) -> list[tuple[str, dict]]:
+def warm_starts(space: Space, plans: list[str], earlier: list[optuna.trial.FrozenTrial], uniform: bool,
+                limit: int | None = None) -> list[tuple[str, dict]]:
+    """Uniform schemes (those within ``limit`` first, largest first: a short study still holds the best
+    uniform scheme that fits), then the plans given, then an earlier study's trials."""
     out = []
     if uniform:
         common = set.intersection(*(set(u.choices) for u in space.units)) - {FULL}
-        for c in sorted(common, key=lambda c: -space.bytes({u.name: c for u in space.units})):
+        size = {c: space.bytes({u.name: c for u in space.units}) for c in common}
+        for c in sorted(common, key=lambda c: (limit is not None and size[c] > limit, -size[c])):
             out.append((f"uniform {c}", {u.name: c for u in space.units}))
     for p in plans:
         out.append((f"plan {os.path.basename(p)}", space.params_of(Plan.load(p))))
@@ -271,7 +268,9 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
     if fresh:
         earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
         warm = knapsack_starts(space, bank, limit, settings.warm_knapsack, settings.warm_budgets) if bank is not None else []
-        _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform))
+        _queue(study, trials, warm + warm_starts(space, list(warm_plans), earlier, settings.warm_uniform, limit))
+    elif not worker:
+        _queue(study, trials, [])
     if not settings.train:
         bank = None  # a trial only scores round-to-nearest
     procs = []
@@ -370,8 +369,10 @@ def pareto_front(storage: str, study_name: str) -> list[dict]:
 def pick(storage: str, study_name: str, budget: str | Budget) -> tuple[Plan, dict, dict]:
     """The front's lowest-KL plan within ``budget``: (plan, its point, its trained weights or {})."""
     study = load_study(storage, study_name)
-    info = study.user_attrs.get("aqsearch", {})
-    limit = Budget.parse(budget).resolve(info.get("weights", 1))
+    info = study.user_attrs.get("aqsearch")
+    if not info:
+        raise AqError(f"study {study_name!r} was not made by aqsearch search (it records no model size)")
+    limit = Budget.parse(budget).resolve(info["weights"])
     front = pareto_front(storage, study_name)
     if not front:
         raise AqError(f"study {study_name!r} has no finished feasible trial yet")
@@ -416,6 +417,19 @@ def hypervolume_history(storage: str, study_name: str) -> list[float]:
     return out
 
 
+def check_plot(path: str, force: bool = False) -> None:
+    """Before any work: an image format matplotlib writes, a path that takes it (see ``check_output``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from aqsearch.io import check_output
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise AqError(f"--plot: cannot write a .{ext} image (use one of {', '.join(sorted(formats))})")
+    check_output(path, "--plot", force)
+
+
 def plot_front(storage: str, study_name: str, path: str) -> None:
     """Front (and every trial, faint) as KL against MiB, warm starts labelled; written atomically."""
     import matplotlib
@@ -445,6 +459,6 @@ def plot_front(storage: str, study_name: str, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
     plt.close(fig)
 

@@ -15,6 +15,7 @@ held-out data). Every run records its :class:`Curve`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ import torch
 
 from aqsearch.capture import Activations, block_forward
 from aqsearch.config import QuantScheme
-from aqsearch.quantizers import QTensor, fake_quantize, n_groups, quantize
+from aqsearch.quantizers import QTensor, fake_quantize_groups, group_stats, group_view, quantize
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainSettings:
     seed: int = 0
     prefix: float = 0.2  # the first part of the run ...
     prefix_sample: float = 0.25  # ... trains on this fraction of the training windows only
+    # bf16 autocast of the training passes on CUDA (the held-out checks that judge a run stay fp32);
+    # the offsets move by signed steps, so the gradient's sign is all that bf16 has to get right
+    amp: bool = True
 
 
 def token_rel_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,41 +93,67 @@ def rel_error(acts: Activations, block, weights, y: torch.Tensor, idx: torch.Ten
     return total / n
 
 
-class _Params:
-    """Learned parameters of one block's Linears."""
+class _Stack:
+    """Linears of one block that read the same width K and share a scheme, stacked along N.
 
-    def __init__(self, block, schemes: dict[str, QuantScheme]):
-        self.w: dict[str, torch.Tensor] = {}
-        self.v, self.lo, self.hi = {}, {}, {}
-        self.schemes = schemes
-        for suffix, s in schemes.items():
-            w = block.get_submodule(suffix).weight.detach()
-            n, k = w.shape
-            g = n_groups(k, s)
-            self.w[suffix] = w
-            self.v[suffix] = torch.zeros(n, k, device=w.device, requires_grad=True)
-            self.lo[suffix] = torch.ones(n, g, device=w.device, requires_grad=True)
-            self.hi[suffix] = torch.ones(n, g, device=w.device, requires_grad=True)
+    Rows quantize independently, so one pass over the stack equals one pass per Linear; the grouped
+    weight ``wg [N, G, g]`` and its min/max do not change during a run and are computed once."""
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.v.values(), *self.lo.values(), *self.hi.values()]
+    def __init__(self, block, suffixes: list[str], scheme: QuantScheme):
+        ws = [block.get_submodule(sfx).weight.detach() for sfx in suffixes]
+        self.scheme, self.dtype, self.k = scheme, ws[0].dtype, ws[0].shape[1]
+        self.rows, a = {}, 0
+        for sfx, w in zip(suffixes, ws):
+            self.rows[sfx] = (a, a + w.shape[0])
+            a += w.shape[0]
+        self.w = torch.cat(ws).float()  # [N, K]
+        self.wg = group_view(self.w, scheme)  # [N, G, g], the short last group padded
+        self.stats = group_stats(self.wg, scheme)
+        n, g = self.wg.shape[:2]
+        self.v = torch.zeros_like(self.wg, requires_grad=True)  # rounding offsets (padding: never read)
+        self.lo = torch.ones(n, g, device=self.w.device, requires_grad=True)  # clip factors
+        self.hi = torch.ones(n, g, device=self.w.device, requires_grad=True)
 
-    def weights(self, differentiable: bool = True) -> dict[str, torch.Tensor]:
-        out = {}
-        for suffix, s in self.schemes.items():
-            wq = fake_quantize(self.w[suffix], s, self.v[suffix], self.lo[suffix], self.hi[suffix])
-            out[f"{suffix}.weight"] = wq if differentiable else wq.detach()
-        return out
+    def weights(self) -> dict[str, torch.Tensor]:
+        out = fake_quantize_groups(self.wg, self.scheme, self.v, self.lo, self.hi, self.stats)
+        out = out.reshape(out.shape[0], -1)[:, : self.k].to(self.dtype)
+        return {f"{sfx}.weight": out[a:b] for sfx, (a, b) in self.rows.items()}
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.v, self.hi] if self.scheme.sym else [self.v, self.lo, self.hi]  # symmetric: no min
 
     def snapshot(self) -> dict[str, QTensor]:
-        return {s: quantize(self.w[s], self.schemes[s], self.v[s], self.lo[s], self.hi[s]) for s in self.schemes}
+        v = self.v.detach().reshape(self.v.shape[0], -1)[:, : self.k]
+        return {sfx: quantize(self.w[a:b], self.scheme, v[a:b], self.lo[a:b], self.hi[a:b])
+                for sfx, (a, b) in self.rows.items()}
+
+
+class _Params:
+    """Learned parameters of one block's Linears: an offset ``v`` a weight, clip factors a group."""
+
+    def __init__(self, block, schemes: dict[str, QuantScheme]):
+        self.schemes = schemes
+        by: dict[tuple, list[str]] = {}
+        for suffix, s in schemes.items():
+            by.setdefault((block.get_submodule(suffix).weight.shape[1], s), []).append(suffix)
+        self.stacks = [_Stack(block, sfxs, s) for (_, s), sfxs in by.items()]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for st in self.stacks for t in st.params()]
+
+    def weights(self, differentiable: bool = True) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            return {k: w for st in self.stacks for k, w in st.weights().items()}
+
+    def snapshot(self) -> dict[str, QTensor]:
+        return {k: q for st in self.stacks for k, q in st.snapshot().items()}
 
     @torch.no_grad()
     def clamp(self) -> None:
-        for t in self.v.values():
-            t.clamp_(-0.5, 0.5)
-        for t in (*self.lo.values(), *self.hi.values()):
-            t.clamp_(0.0, 1.0)
+        for st in self.stacks:
+            st.v.clamp_(-0.5, 0.5)
+            st.lo.clamp_(0.0, 1.0)
+            st.hi.clamp_(0.0, 1.0)
 
 
 class BlockTraining:
@@ -161,6 +191,11 @@ class BlockTraining:
             self.best = (loss, self.p.snapshot())
         return self.should_stop(self.curve) if self.should_stop is not None else None
 
+    def _amp(self):
+        if self.s.amp and self.acts.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @property
     def done(self) -> bool:
         return self.reason is not None or self.step >= self.s.steps
@@ -179,13 +214,14 @@ class BlockTraining:
             b = self.order[self.pos : self.pos + s.batch]
             self.pos += len(b)
             y = acts.load(self.y_fp, b)
-            out = block_forward(self.block, acts.load(acts.x_q, b), acts.kwargs, self.p.weights())
-            loss = token_rel_error(out, y).mean()
+            weights = self.p.weights()
+            with self._amp():
+                out = block_forward(self.block, acts.load(acts.x_q, b), acts.kwargs, weights)
+            loss = token_rel_error(out.float(), y).mean()
             grads = torch.autograd.grad(loss, self.params)
             lr = lr0 * (1.0 - (self.step - 1) / s.steps)  # linear decay to 0
-            with torch.no_grad():
-                for t, g in zip(self.params, grads):
-                    t.sub_(lr * torch.sign(g))
+            with torch.no_grad():  # one fused update of every tensor: t -= lr * sign(grad)
+                torch._foreach_add_(self.params, torch._foreach_sign(grads), alpha=-lr)
             self.p.clamp()
             self.samples += len(b)
             if self.step % self.every == 0 or self.step == s.steps:

@@ -52,12 +52,17 @@ def load_qtensors(path: str | Path, sha256: str | None = None) -> dict[str, QTen
         raise AqError(f"weights file not found: {path}")
     if sha256 is not None and sha256_file(path) != sha256:
         raise AqError(f"weights file {path} does not match the sha256 its plan or journal records")
+    from safetensors import SafetensorError
+
     out = {}
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["schemes"])
-        for name, s in meta.items():
-            out[name] = QTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
-                                f.get_tensor(f"{name}.zero"), QuantScheme.parse(s))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["schemes"])
+            for name, s in meta.items():
+                out[name] = QTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
+                                    f.get_tensor(f"{name}.zero"), QuantScheme.parse(s))
+    except (SafetensorError, KeyError, ValueError, AttributeError) as e:  # not a file save_qtensors wrote
+        raise AqError(f"{path} is not a trained-weights file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return out
 
 

@@ -10,6 +10,15 @@ greedy tokens' agreement between them, and the bytes.
     python benchmarks/decode.py --model smollm2-135m                      # w4g128, batch 1 and 8, on CUDA
     python benchmarks/decode.py --scheme w4g64 --plan plan.json ...       # another scheme or a plan
     python benchmarks/decode.py --device cpu --batch 1 --new-tokens 4 --no-graphs   # a CPU smoke run
+    python benchmarks/decode.py --llama8b --out DIR/decode.jsonl          # 8B-shaped, w4/w3/w2/w8 g128
+    python benchmarks/decode.py --llama8b --dry-run --out /tmp/d.jsonl    # the same on a tiny config, CPU
+
+``--llama8b``: a ``LlamaForCausalLM`` built from Llama-3-8B's config with random weights (no download;
+speed does not depend on the values), fp16 on the GPU; fp16 is timed once at each batch size, then
+each scheme of ``--schemes`` is materialized from it and timed the same way, in the same process.
+Kernel configs come from the tuner's disk cache (``$AQSEARCH_CACHE``, written by
+``benchmarks/kernels.py``); whatever is not there is measured during the warm-up, before capture.
+The prompt is prefilled one token at a time, so every matmul has M = batch.
 """
 
 from __future__ import annotations
@@ -49,11 +58,12 @@ class Decoder:
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:
-        p = prompt.shape[1]
-        out = self.model(input_ids=prompt, past_key_values=self.cache,
-                         cache_position=torch.arange(p, device=self.dev), use_cache=True)
+        """One token at a time: M = batch in every matmul, as in the decode steps."""
+        for i in range(prompt.shape[1]):
+            out = self.model(input_ids=prompt[:, i:i + 1], past_key_values=self.cache,
+                             cache_position=torch.tensor([i], device=self.dev), use_cache=True)
         self.tok.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
-        self.pos.fill_(p)
+        self.pos.fill_(prompt.shape[1])
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -110,11 +120,50 @@ def run_one(model, prompt, new_tokens: int, graphs: bool) -> dict:
             "ms_per_step": 1e3 * secs / new_tokens, "graphs": dec.graph is not None, "graph_error": err}
 
 
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def random_llama(cfg: dict, device: str, dtype: torch.dtype):
+    """``LlamaForCausalLM`` from a config, random weights, built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**cfg))
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def pack_int_zeros(model) -> int:
+    """fp16 integer zeros of each QuantLinear -> the packed int32 layout (``pack_zeros``), the default
+    storage of asymmetric schemes; a no-op where materialize already stores them packed."""
+    from aqsearch.kernels import pack_zeros
+    from aqsearch.quantlinear import QuantLinear
+
+    n = 0
+    for mod in model.modules():
+        z = getattr(mod, "zeros", None)
+        if isinstance(mod, QuantLinear) and z is not None and z.dtype == torch.float16 and torch.equal(z, z.round()):
+            mod.zeros = pack_zeros(z.float(), mod.scheme.bits)  # a registered buffer: replaced in place
+            n += 1
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--llama8b", action="store_true", help="Llama-3-8B-shaped, random weights (no download)")
+    ap.add_argument("--dry-run", action="store_true", help="with --llama8b: a tiny config on the CPU, eager")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--scheme", default="w4g128")
+    g.add_argument("--scheme", default=None, help="one scheme (default w4g128; --llama8b: w4g128,w3g128,w2g128,w8g128)")
     g.add_argument("--plan", default=None)
     ap.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -123,45 +172,69 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="eager steps (the CPU path)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode.jsonl"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--run", default="", help="run id stored with every record")
     args = ap.parse_args(argv)
 
     from aqsearch.bench import append_result
     from aqsearch.config import Plan
     from aqsearch.materialize import layer_infos, materialize
     from aqsearch.memory import plan_bytes
-    from aqsearch.models import load_model
 
+    if args.dry_run:
+        args.device, args.no_graphs, args.new_tokens, args.prompt_len = "cpu", True, 3, 4
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32  # CPU half matmuls crawl
-    loaded = load_model(args.model, device=args.device, dtype=dtype)
-    base = loaded.model
-    plan = Plan.load(args.plan) if args.plan else Plan.uniform(args.scheme)
-    mem_fp16 = plan_bytes(base, None)
-    mem_q = plan_bytes(base, plan)
     t0 = time.time()
-    qmodel = copy.deepcopy(base)
-    materialize(qmodel, plan, dtype=dtype)  # in place: QuantLinear in each governed Linear's place
-    log(f"materialized {args.plan or args.scheme} in {time.time() - t0:.1f} s")
+    if args.llama8b:
+        name = "llama3-8b-random" if not args.dry_run else "llama-tiny-random"
+        base = random_llama(TINY if args.dry_run else LLAMA3_8B, args.device, dtype)
+        schemes = (args.scheme or "w4g128,w3g128,w2g128,w8g128").split(",")
+    else:
+        from aqsearch.models import load_model
+
+        name, base = args.model, load_model(args.model, device=args.device, dtype=dtype).model
+        schemes = [args.plan] if args.plan else (args.scheme or "w4g128").split(",")
+    log(f"{name}: built in {time.time() - t0:.1f} s")
+    batches = [int(v) for v in args.batch.split(",")]
     gen = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
-    for b in (int(v) for v in args.batch.split(",")):
-        prompt = torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(args.device)
-        ref = run_one(base, prompt, args.new_tokens, not args.no_graphs)
-        got = run_one(qmodel, prompt, args.new_tokens, not args.no_graphs)
-        same = sum(x == y for ra, rb in zip(ref["tokens"], got["tokens"]) for x, y in zip(ra, rb))
-        rec = {"bench": "decode", "tag": args.tag, "model": args.model, "plan": args.plan, "scheme": args.scheme,
-               "device": args.device, "dtype": str(dtype).replace("torch.", ""), "batch": b,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "graphs": got["graphs"],
-               "graph_error": got["graph_error"] or ref["graph_error"],
-               "base_tokens_per_s": round(ref["tokens_per_s"], 1), "quant_tokens_per_s": round(got["tokens_per_s"], 1),
-               "speedup": round(got["tokens_per_s"] / ref["tokens_per_s"], 3),
-               "base_ms_per_step": round(ref["ms_per_step"], 4), "quant_ms_per_step": round(got["ms_per_step"], 4),
-               "greedy_agreement": round(same / (b * args.new_tokens), 4),
-               "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
-               "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel))}
-        append_result(args.out, rec)
-        print(f"batch {b}: {rec['dtype']} {rec['base_tokens_per_s']:.0f} tok/s, {args.plan or args.scheme} "
-              f"{rec['quant_tokens_per_s']:.0f} tok/s (x{rec['speedup']:.2f}), greedy agreement "
-              f"{rec['greedy_agreement']:.2f}, graphs {rec['graphs']}")
+    prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(args.device) for b in batches}
+    mem_fp16 = plan_bytes(base, None)
+    refs = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
+    for b in batches:
+        log(f"{name} {str(dtype)[6:]} batch {b}: {refs[b]['tokens_per_s']:.0f} tok/s")
+    for sch in schemes:
+        plan = Plan.load(sch) if args.plan else Plan.uniform(sch)
+        mem_q = plan_bytes(base, plan)
+        t1 = time.time()
+        qmodel = copy.deepcopy(base)
+        materialize(qmodel, plan, dtype=dtype)  # in place: QuantLinear in each governed Linear's place
+        packed = pack_int_zeros(qmodel)
+        log(f"materialized {sch} in {time.time() - t1:.1f} s ({packed} layers' fp16 zeros packed as integers)")
+        for b in batches:
+            ref = refs[b]
+            try:
+                got = run_one(qmodel, prompts[b], args.new_tokens, not args.no_graphs)
+            except Exception as e:  # record the failure, go on with the next one
+                log(f"{sch} batch {b}: {type(e).__name__}: {e}")
+                continue
+            same = sum(x == y for ra, rb in zip(ref["tokens"], got["tokens"]) for x, y in zip(ra, rb))
+            rec = {"bench": "decode", "run": args.run, "tag": args.tag, "model": name, "plan": args.plan,
+                   "scheme": sch, "device": args.device, "dtype": str(dtype).replace("torch.", ""), "batch": b,
+                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "graphs": got["graphs"],
+                   "graph_error": got["graph_error"] or ref["graph_error"],
+                   "base_tokens_per_s": round(ref["tokens_per_s"], 1), "quant_tokens_per_s": round(got["tokens_per_s"], 1),
+                   "speedup": round(got["tokens_per_s"] / ref["tokens_per_s"], 3),
+                   "base_ms_per_step": round(ref["ms_per_step"], 4), "quant_ms_per_step": round(got["ms_per_step"], 4),
+                   "greedy_agreement": round(same / (b * args.new_tokens), 4),
+                   "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
+                   "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel))}
+            append_result(args.out, rec)
+            print(f"{name} batch {b}: {rec['dtype']} {rec['base_tokens_per_s']:.0f} tok/s, {sch} "
+                  f"{rec['quant_tokens_per_s']:.0f} tok/s (x{rec['speedup']:.2f}), greedy agreement "
+                  f"{rec['greedy_agreement']:.2f}, graphs {rec['graphs']}", flush=True)
+        del qmodel
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
 
 

@@ -70,16 +70,23 @@ def regressor_table() -> str:
             f"{100 * r['last_seen_median_rel_error']:.1f} % |\n\nBy run length: {by}.")
 
 
-def kernels_table() -> str:
-    recs = [r for r in read_results(RESULTS / "kernels.jsonl") if r.get("run", "").startswith("h200-2")]
+def kernels_rows(recs: list[dict]) -> str:
+    """The newest run's M = 1, 8, 1024, 4096 points at group 128 (every bit width), against cuBLAS fp16."""
+    runs = [r.get("run", "") for r in recs if r.get("bench", "kernels") == "kernels"]
+    if not runs:
+        return ""
+    last = runs[-1]
+    recs = [r for r in recs if r.get("run", "") == last]
     cub = {(r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
-    q = [r for r in recs if r["kind"] not in ("copy", "cublas")]
-    copy = next((r["copy_gbps"] for r in recs if r["kind"] == "copy"), None)
-    lines = [f"Measured copy bandwidth {copy:,.0f} GB/s.", "",
+    q = [r for r in recs if r["kind"] == "quant"]
+    copy = next((r["copy_gbps"] for r in recs if r["kind"] == "copy"), float("nan"))
+    machine = recs[-1]["env"]["machine"] if recs and "env" in recs[-1] else ""
+    lines = [f"Run `{last}` on {machine}: copy bandwidth {copy:,.0f} GB/s; max relative error over its "
+             f"{len(q)} points {max([r.get('max_rel_err', r['rel_err']) for r in q] or [float('nan')]):.1e}.", "",
              "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     pick = [r for r in q if r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 and r.get("dtype", "float16") == "float16"]
-    for r in sorted(pick, key=lambda r: (r["K"], r["N"], r["M"], -r["bits"])):
+    for r in sorted(pick, key=lambda r: (r["M"], r["K"], r["N"], -r["bits"])):
         c = cub.get((r["K"], r["N"], r["M"]))
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['scheme']} | {r.get('path', '')} | {r['us']:.1f} | "
                      f"{r['gbps']:,.0f} | {100 * r['frac_copy']:.0f} % | {c['us'] if c else float('nan'):.1f} | "
@@ -87,13 +94,19 @@ def kernels_table() -> str:
     return "\n".join(lines)
 
 
+def kernels_table() -> str:
+    return kernels_rows(read_results(RESULTS / "kernels.jsonl"))
+
+
 def decode_table() -> str:
-    recs = read_results(RESULTS / "decode.jsonl")
-    lines = ["| machine | scheme | batch | CUDA graphs | fp16 tok/s | quantized tok/s | x fp16 | bytes total (fp16) |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in recs:
-        lines.append(f"| {r['env']['machine']} | {r['scheme']} | {r['batch']} | {r['graphs']} | {r['base_tokens_per_s']:,.0f} | "
-                     f"{r['quant_tokens_per_s']:,.0f} | {r['speedup']:.2f} | {r['bytes_total']:,} ({r['base_bytes_total']:,}) |")
+    recs = _latest(read_results(RESULTS / "decode.jsonl"),
+                   lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["scheme"], r["batch"]))
+    lines = ["| machine | model | scheme | batch | CUDA graphs | fp16 tok/s | quantized tok/s | x fp16 | bytes total (fp16) |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["batch"], r["bpw"])):
+        lines.append(f"| {r['env']['machine']} | {r.get('model', 'smollm2-135m')} | {r['scheme']} | {r['batch']} | "
+                     f"{r['graphs']} | {r['base_tokens_per_s']:,.0f} | {r['quant_tokens_per_s']:,.0f} | "
+                     f"{r['speedup']:.2f} | {r['bytes_total']:,} ({r['base_bytes_total']:,}) |")
     return "\n".join(lines)
 
 
@@ -139,7 +152,23 @@ def search_table() -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[], str]] = {"search": search_table, "uniform": uniform_table, "progressive": progressive_table,
+def trainer_table() -> str:
+    """benchmarks/trainer.py: one row per (machine, settings, scheme, amp), the newest."""
+    recs = _latest(read_results(RESULTS / "trainer.jsonl"),
+                   lambda r: (r["env"]["machine"], r["calib_windows"], r["calib_seqlen"], r["steps"], r["tokens"],
+                              r["scheme"], r["amp"]))
+    lines = ["| machine | settings | scheme | zero | bpw | bytes | train s | ms/step | GPUs side by side | KL mean | "
+             "KL p99 | top-1 | ppl ratio |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r["tokens"], r["zero"], -r["bpw"])):
+        sett = (f"{r['calib_windows']}x{r['calib_seqlen']}, {r['steps']} steps, {'bf16' if r['amp'] else 'fp32'}, "
+                f"eval {r['tokens']:,} tok")
+        lines.append(f"| {r['env']['machine']} | {sett} | {r['scheme']} | {r['zero']} | {r['bpw']:.4f} | {r['bytes']:,} | "
+                     f"{r['train_seconds']:.1f} | {1e3 * r['seconds_per_step']:.1f} | {r.get('workers', 1)} | "
+                     f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | {r['ppl_ratio']:.4f} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table}
 
 

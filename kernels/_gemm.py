@@ -1,9 +1,16 @@
 """Fused dequantize + GEMM on the tensor cores (``tl.dot``, fp32 accumulation), and a dequantize kernel.
 
-The GEMM builds each weight tile ``[BK, BN]`` in registers from the packed words (row ``k`` reads word
-row ``k // per_word``; the repeats hit L1), scales it and feeds it to ``tl.dot`` in the activation
-dtype. For large M, dequantize-then-cuBLAS (``dequant_kernel`` + ``torch.matmul``) can be faster: the
-dispatcher measures both.
+The GEMM builds each weight tile in registers from the packed words, scales it (to the reference's
+fp16/bf16 weight, bit for bit) and feeds it to ``tl.dot``. Two K loops: ``_packed_loop`` loads each
+word once and puts the weight tile first (swapped operands, for M = 1..16 and up); ``_gather_loop``
+reads row ``k``'s word row ``k // per_word`` (the repeats hit L1). For large M, dequantize-then-cuBLAS
+(``dequant_kernel`` + ``torch.mm``, whole or in L2-sized column chunks) can be faster: the dispatcher
+measures all of them.
+
+Taken from: the load-once unpack along a new register axis and the swapped operands for small M
+follow triton_kernels' mixed-precision matmul (weights upcast in registers as the MMA's A operand) and
+Marlin's small-batch layout; the magic-number int -> float (``2**23 + q`` by one OR) is the trick of
+Marlin/FasterTransformer's ``lop3`` dequantization in fp32 form; gemlite's GEMM takes the gather loop.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import lshift, tile_store, win
+from ._tl_common import group_zero, lshift, tile_store, win
 
 
 @triton.jit
@@ -39,8 +46,8 @@ def _dot(acc, a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, stride_xm, k_start, k_end,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, BK: tl.constexpr,
+def _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm, k_start, k_end,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr, BK: tl.constexpr,
                  DOT_F32: tl.constexpr):
     """K loop with the weight tile ``[BK, BN]`` in natural K order: row k reads word row k // per_word
     (the repeats come from L1); one dot a tile."""
@@ -54,93 +61,79 @@ def _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_
         if BK <= GROUP:  # the tile lies in one group: one scale and zero a column
             gi = k0 // GROUP
             s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            if SYM:
-                z = 1 << (BITS - 1)
-            else:
-                z = tl.load(z_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        else:
-            g2 = (kk // GROUP)[:, None] * N + rn[None, :]
-            m2 = kmask[:, None] & nmask[None, :]
-            s = tl.load(s_ptr + g2, mask=m2, other=0.0).to(tl.float32)
-            if SYM:
-                z = 1 << (BITS - 1)
-            else:
-                z = tl.load(z_ptr + g2, mask=m2, other=0.0).to(tl.float32)
+            z = group_zero(z_ptr, gi, N, ZW, rn, nmask, BITS, ZMODE, False)[None, :]
+        else:  # per element (row k's group; clamped inside K, masked columns)
+            gk = (tl.minimum(kk, K - 1) // GROUP)[:, None]
+            s = tl.load(s_ptr + gk * N + rn[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            z = group_zero(z_ptr, gk, N, ZW, rn[None, :], nmask[None, :], BITS, ZMODE, False)
         b = ((qf - z) * s).to(x_ptr.dtype.element_ty)  # [BK, BN]: the reference's weight, to the bit
         acc = _dot(acc, a, b, DOT_F32)
     return acc
 
 
 @triton.jit
-def _slots_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ones, stride_xm, k_start, k_end,
-                BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, BK: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """K loop that loads each packed word once: code slot j of the R word rows is one ``[R, BN]``
-    weight block, multiplied with the matching strided columns of x (``k = row * per_word + j``);
-    the order of a dot's terms is free, so no reshuffle is needed. R = BK // per_word >= 16."""
+def _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm, k_start, k_end,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr, BK: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """Swapped operands: ``acc[BN, BM] += W^T[BN, BK] @ x^T[BK, BM]`` (out transposed).
+
+    Each packed word is loaded once, as a ``[BN, BK // per_word]`` block with N contiguous (16-byte
+    vectors), and unpacked in registers along a new last axis, so the weight tile is the dot's first
+    operand (Hopper's wgmma takes that one from registers; a small M is the narrow second operand:
+    the "swap AB" of small-batch kernels such as Marlin's and triton_kernels' matmul_ogs). 3 bits:
+    both planes in one pass; the unpacked order is ``(pair row, j, half)``, and x is loaded in that
+    same permuted K order (a dot's sum is order-free), so no register shuffle is needed.
+    Needs ``BK <= GROUP`` (one scale and zero a column a tile).
+    """
+    t = tl.arange(0, BK)
     for k0 in range(k_start, k_end, BK):
         if BITS == 3:
-            R: tl.constexpr = BK // 32  # pairs of low-plane rows = high-plane rows
+            R: tl.constexpr = BK // 32
             r2 = k0 // 32 + tl.arange(0, R)
-            wm = (r2 < (K + 31) // 32)[:, None] & nmask[None, :]
-            le = tl.load(w_ptr + (2 * r2)[:, None] * N + rn[None, :], mask=(2 * r2 < n_lo)[:, None] & nmask[None, :],
-                         other=0).to(tl.uint32, bitcast=True)
-            lo = tl.load(w_ptr + (2 * r2 + 1)[:, None] * N + rn[None, :],
-                         mask=(2 * r2 + 1 < n_lo)[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
-            hw = tl.load(w_ptr + (n_lo + r2)[:, None] * N + rn[None, :], mask=wm, other=0).to(tl.uint32, bitcast=True)
-            kb = 32 * r2
+            m2 = nmask[:, None]
+            le = tl.load(w_ptr + (2 * r2)[None, :] * N + rn[:, None], mask=m2 & (2 * r2 < n_lo)[None, :], other=0)
+            lo = tl.load(w_ptr + (2 * r2 + 1)[None, :] * N + rn[:, None], mask=m2 & (2 * r2 + 1 < n_lo)[None, :],
+                         other=0)
+            hw = tl.load(w_ptr + (n_lo + r2)[None, :] * N + rn[:, None], mask=m2 & (r2 < (K + 31) // 32)[None, :],
+                         other=0)
+            j = tl.arange(0, 16)[None, None, :]
+            qe = ((le[:, :, None] >> (2 * j)) & 3) | (((hw[:, :, None] >> j) & 1) << 2)  # k = 32 r + j
+            qo = ((lo[:, :, None] >> (2 * j)) & 3) | (((hw[:, :, None] >> (j + 16)) & 1) << 2)  # k = 32 r + 16 + j
+            q = tl.reshape(tl.join(qe, qo), [qe.shape[0], BK])  # t = 32 r + 2 j + h
+            kk = k0 + (t // 32) * 32 + (t % 2) * 16 + (t % 32) // 2
         else:
             PW: tl.constexpr = 32 // BITS
             R: tl.constexpr = BK // PW
             rows = k0 // PW + tl.arange(0, R)
-            wm = (rows < (K + PW - 1) // PW)[:, None] & nmask[None, :]
-            w = tl.load(w_ptr + rows[:, None] * N + rn[None, :], mask=wm, other=0).to(tl.uint32, bitcast=True)
-            kb = rows * PW
-        if BK <= GROUP:
-            gi = k0 // GROUP
-            s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            if SYM:
-                z = tl.zeros([1, 1], dtype=tl.float32) + (1 << (BITS - 1))
-            else:
-                z = tl.load(z_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        else:  # a word row lies in one group (per_word <= 32 <= GROUP)
-            g2 = (kb // GROUP)[:, None] * N + rn[None, :]
-            s = tl.load(s_ptr + g2, mask=wm, other=0.0).to(tl.float32)
-            if SYM:
-                z = tl.zeros([1, 1], dtype=tl.float32) + (1 << (BITS - 1))
-            else:
-                z = tl.load(z_ptr + g2, mask=wm, other=0.0).to(tl.float32)
-        if BITS == 3:
-            for j in tl.static_range(32):
-                if j < 16:
-                    lsrc = lshift(le, 15 - 2 * j)
-                else:
-                    lsrc = lshift(lo, 15 - 2 * (j - 16))
-                f = (win(lsrc, ones, 2, 15, 0) - (z + 256.0)) + (win(lshift(hw, 15 - j), ones, 1, 15, 2) - 1024.0)
-                kk = kb + j
-                a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :],
-                            other=0.0)
-                acc = _dot(acc, a, (f * s).to(x_ptr.dtype.element_ty), DOT_F32)
-        else:
-            for j in tl.static_range(PW):
-                f = win(lshift(w, 15 - BITS * j), ones, BITS, 15, 0) - (z + 256.0)  # q - z, exact
-                kk = kb + j
-                a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :],
-                            other=0.0)
-                acc = _dot(acc, a, (f * s).to(x_ptr.dtype.element_ty), DOT_F32)
+            w = tl.load(w_ptr + rows[None, :] * N + rn[:, None], mask=nmask[:, None] & (rows < (K + PW - 1) // PW)[None, :],
+                        other=0)  # [BN, R]
+            j = tl.arange(0, PW)[None, None, :]
+            q = tl.reshape((w[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1), [w.shape[0], BK])  # k = k0 + t
+            kk = k0 + t
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=mmask[None, :] & (kk < K)[:, None], other=0.0)
+        gi = k0 // GROUP
+        s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)
+        z = group_zero(z_ptr, gi, N, ZW, rn, nmask, BITS, ZMODE, False)
+        # 2**23 + q exactly (magic-number int -> float, FIELD-NOTES), minus 2**23 + z: q - z exact, * s
+        # rounds once: the reference's weight to the bit
+        qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[:, None]
+        acc = _dot(acc, (qf * s[:, None]).to(x_ptr.dtype.element_ty), xt, DOT_F32)
     return acc
 
 
 @triton.jit
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                M, N, K, n_lo, ones, stride_xm, stride_om, k_per_split, n_split,
-                BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                M, N, K, n_lo, ZW, stride_xm, stride_om, k_per_split, n_split,
+                BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                USE_WS: tl.constexpr, DOT_F32: tl.constexpr, SLOTS: tl.constexpr):
+                USE_WS: tl.constexpr, DOT_F32: tl.constexpr, PACKED: tl.constexpr):
     """``out = x @ W``; grid ``(cdiv(M, BM) * cdiv(N, BN), n_split)``, tiles in GROUP_M-row bands.
 
-    ``SLOTS`` picks the compact-load loop (one dot per code slot) over the gather loop. ``DOT_F32``
-    runs the dot on fp32 copies of the operands (the CPU interpreter's bf16 dot is wrong).
+    ``PACKED`` picks the load-once, swapped-operand loop (``_packed_loop``) over the gather loop.
+    ``DOT_F32`` runs the dot on fp32 copies of its operands: for fp32 activations, and under the CPU
+    interpreter for bf16 (its bf16 ``tl.dot`` returns garbage, FIELD-NOTES). The operands are bf16
+    values either way (the weight tile is rounded to bf16 first), so the products are the same exact
+    fp32 numbers the GPU's bf16 MMA forms; only the summation order differs.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -155,35 +148,36 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
     nmask = rn < N
-    rk = tl.arange(0, BK)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if SLOTS:
-        acc = _slots_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ones, stride_xm,
-                          k_start, k_end, BITS, GROUP, SYM, BK, DOT_F32)
+    if PACKED:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        acc = _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm,
+                           k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32)
+        tile_store(tl.trans(acc), out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn,
+                   stride_om, BM, BN, USE_WS)
     else:
-        acc = _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, stride_xm,
-                           k_start, k_end, BITS, GROUP, SYM, BK, DOT_F32)
-    tile_store(acc, out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn, stride_om,
-               BM, BN, USE_WS)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm,
+                           k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32)
+        tile_store(acc, out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn, stride_om,
+                   BM, BN, USE_WS)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_lo, ones,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_lo, ZW, ones, n0, n_cols, stride_o,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                    BN: tl.constexpr, BKS: tl.constexpr):
-    """``out[K, N] = (q - z) * s`` in out's dtype; grid ``(cdiv(N, BN), cdiv(K, BKS))``, BKS | GROUP."""
+    """``out[K, n_cols] = (q - z) * s`` for the columns ``n0 .. n0 + n_cols`` of W, in out's dtype
+    (row stride ``stride_o``); grid ``(cdiv(n_cols, BN), cdiv(K, BKS))``, BKS | GROUP."""
     pid_n = tl.program_id(0)
     k0 = tl.program_id(1) * BKS
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
+    oc = pid_n * BN + tl.arange(0, BN)  # output columns
+    cols = n0 + oc
+    cmask = (oc < n_cols) & (cols < N)
     gi = k0 // GROUP
     s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if SYM:
-        z = tl.zeros([BN], dtype=tl.float32) + (1 << (BITS - 1))
-    else:
-        z = tl.load(z_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
+    z = group_zero(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE, False)
     o_ty = out_ptr.dtype.element_ty
     if BITS == 3:
         R: tl.constexpr = BKS // 32
@@ -210,7 +204,7 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_lo, ones,
                     f = (win(src, ones, 2, P, 0) - (z + (1 << (23 - P)))[None, :]) \
                         + (win(hsrc, ones, 1, PH, 2) - (1 << (25 - PH)))  # q - z, exact
                     kk = 32 * r2 + 16 * half + j
-                    tl.store(out_ptr + kk[:, None] * N + cols[None, :], (f * s).to(o_ty),
+                    tl.store(out_ptr + kk[:, None] * stride_o + oc[None, :], (f * s).to(o_ty),
                              mask=(kk < K)[:, None] & cmask[None, :])
     else:
         PW: tl.constexpr = 32 // BITS
@@ -225,5 +219,5 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_lo, ones,
                 P = 15 + BITS * i
                 f = win(src, ones, BITS, P, 0) - (z + (1 << (23 - P)))[None, :]  # q - z, exact
                 kk = rows * PW + CPV * v + i
-                tl.store(out_ptr + kk[:, None] * N + cols[None, :], (f * s).to(o_ty),
+                tl.store(out_ptr + kk[:, None] * stride_o + oc[None, :], (f * s).to(o_ty),
                          mask=(kk < K)[:, None] & cmask[None, :])

@@ -6,6 +6,15 @@ per row of x; one shift serves ``8 // bits`` codes (a shifted copy of the word p
 ``sum_k x_k (q_k - z) = sum_k x_k v_k - sum_k x_k offset_k - z sum_k x_k``, and the scale is applied
 once a tile too (a tile lies inside one group). Each row of x has its own accumulators (BM <= 4,
 unrolled), so the decoded weights are reused across rows.
+
+Taken from: split-K over many small programs with N-contiguous 16-byte loads (each thread owns 8
+consecutive columns: two ``LDG.128`` a word row) as in gemlite's ``gemv_revsplitK`` and the
+bitsandbytes 4-bit inference GEMV; the exponent-OR int -> float from Marlin's ``lop3`` dequantization;
+the offset taken out once a tile is tinygemm's "subtract the zero after the dot" applied to the
+magic-number offset. Counted with ptxas for sm_90 (Triton 3.9, BN 256, BKS 64, one warp): ~4
+instructions a 4-bit weight (1 LOP3, 1 FFMA, shifts, x loads, per-slot sums); 3 bits ~4.3 (each plane
+has its own LOP3 and FFMA). That, not the loads, is the ceiling at M = 1: 8192x8192 at 4 a weight is
+~8 us of issue on 132 SMs against ~10.5 us for 80 % of copy bandwidth.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import lshift, splitk_reduce, win
+from ._tl_common import group_zero, lshift, splitk_reduce, win
 
 
 @triton.jit
@@ -100,26 +109,19 @@ def _words3(w_ptr, k0, K, N, n_lo, cols, cmask, BKS: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
-def _scale_zero(s_ptr, z_ptr, gi, N, cols, cmask, BITS: tl.constexpr, BN: tl.constexpr, SYM: tl.constexpr,
-                EVEN_N: tl.constexpr):
-    """Group ``gi``'s scales and zeros of the columns, fp32 ``[BN]`` each."""
+def _scale_zero(s_ptr, z_ptr, gi, N, ZW, cols, cmask, BITS: tl.constexpr, ZMODE: tl.constexpr, EVEN_N: tl.constexpr):
+    """Group ``gi``'s scales and zeros of the columns, fp32 ``[BN]`` each (zeros: ``group_zero``)."""
     if EVEN_N:
         s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
     else:
         s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
-    if SYM:
-        z = tl.zeros([BN], dtype=tl.float32) + (1 << (BITS - 1))
-    elif EVEN_N:
-        z = tl.load(z_ptr + gi * N + cols).to(tl.float32)
-    else:
-        z = tl.load(z_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
-    return s, z
+    return s, group_zero(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
 
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
-                M, N, K, n_lo, ones, stride_xm, stride_om, k_per_split, n_split,
-                BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                M, N, K, n_lo, ZW, ones, stride_xm, stride_om, k_per_split, n_split,
+                BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr):
     """``out[M, N] = x[M, K] @ W[K, N]``, M <= BM <= 4; grid ``(cdiv(N, BN), n_split)``.
@@ -148,19 +150,19 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             ne, no, nh = _words3(w_ptr, k_start, K, N, n_lo, cols, cmask, BKS, MASKED)
         else:
             nw_ = _words(w_ptr, k_start, K, N, cols, cmask, BITS, BKS, MASKED)
-        s_n, z_n = _scale_zero(s_ptr, z_ptr, k_start // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+        s_n, z_n = _scale_zero(s_ptr, z_ptr, k_start // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
     for k0 in range(k_start, k_end, BKS):
         if PREFETCH:
             s, z = s_n, z_n
             kn = tl.minimum(k0 + BKS, k_last)
-            s_n, z_n = _scale_zero(s_ptr, z_ptr, kn // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+            s_n, z_n = _scale_zero(s_ptr, z_ptr, kn // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
             xt = tl.arange(0, XPF)  # touch the next tile's x: its lines are in L1 when the slots read them
             if EVEN_K:
                 xd += tl.load(x_ptr + kn + xt).to(tl.float32)
             else:
                 xd += tl.load(x_ptr + kn + xt, mask=kn + xt < K, other=0.0).to(tl.float32)
         else:
-            s, z = _scale_zero(s_ptr, z_ptr, k0 // GROUP, N, cols, cmask, BITS, BN, SYM, EVEN_N)
+            s, z = _scale_zero(s_ptr, z_ptr, k0 // GROUP, N, ZW, cols, cmask, BITS, ZMODE, EVEN_N)
         if BITS == 3:
             # Pair r2: low-plane rows 2*r2 (k = 32*r2 + j) and 2*r2+1 (k = 32*r2 + 16 + j), 2-bit
             # codes; high-plane row r2, bit j (k = 32*r2 + j), weight 4.

@@ -7,6 +7,11 @@ With ``P >= 15`` the offset ``2 ** (23 - P)`` is at most 256: a GEMV may then mu
 offset value directly and subtract ``offset * sum(x)`` once a tile (fp32 keeps >= 16 bits of the
 code's share), which saves the per-weight subtraction.
 
+Zeros (``ZMODE``): 0 symmetric (the middle code), 1 fp16 ``(G, N)``, 2 integers packed along N into
+int32 ``(G, zero_words(N, bits))`` (``packing.pack_zeros``; 3 bits as a 2-bit plane of ``ceil(N / 16)``
+words then a 1-bit plane). A program reads its columns' zero words once a group: a ``[BN]`` gather
+whose repeats (``per_word`` columns share a word) are L1 hits, then one shift and mask a column.
+
 Split-K: every K-slice writes its fp32 partial tile to a workspace, then bumps a per-tile counter;
 the last slice to arrive sums the partials in slice order (deterministic), writes the output and
 resets the counter to 0 for the next launch. No memset, no second kernel.
@@ -26,6 +31,33 @@ def win(src, ones, BITS: tl.constexpr, P: tl.constexpr, MUL: tl.constexpr):
     of re-materialising a constant before each one. Needs ``P + BITS <= 23``.
     """
     return ((src & ((ones & ((1 << BITS) - 1)) << P)) | ((150 - P + MUL) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_zero(z_ptr, gi, N, ZW, cols, cmask, BITS: tl.constexpr, ZMODE: tl.constexpr, EVEN_N: tl.constexpr):
+    """Group ``gi``'s zeros of the columns ``cols``, fp32 ``[BN]`` (ZMODE: see the module docstring).
+
+    ``ZW`` is the int32 words a group row of packed zeros takes (``zero_words(N, BITS)``).
+    """
+    if ZMODE == 0:
+        z = (cols * 0 + (1 << (BITS - 1))).to(tl.float32)
+    elif ZMODE == 1:
+        if EVEN_N:
+            z = tl.load(z_ptr + gi * N + cols).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        row = z_ptr + gi * ZW
+        if BITS == 3:  # 2-bit plane (16 a word) then 1-bit plane (32 a word)
+            lo = tl.load(row + cols // 16, mask=cmask, other=0)
+            hi = tl.load(row + (N + 15) // 16 + cols // 32, mask=cmask, other=0)
+            zi = ((lo >> ((cols % 16) * 2)) & 3) | (((hi >> (cols % 32)) & 1) << 2)
+        else:
+            PW: tl.constexpr = 32 // BITS
+            wz = tl.load(row + cols // PW, mask=cmask, other=0)
+            zi = (wz >> ((cols % PW) * BITS)) & ((1 << BITS) - 1)  # the mask drops the sign copies
+        z = zi.to(tl.float32)
+    return z
 
 
 @triton.jit

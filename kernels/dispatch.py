@@ -1,15 +1,13 @@
 """Pick a kernel and config for a quantized matmul, by measurement, and remember the choice.
 
-Measured on an H200 (``benchmarks/results/kernels.jsonl``), the winning path by M: the GEMV for
-M <= 2, GEMV or the fused GEMM at M = 4, the fused GEMM (split-K) at M = 8..16, and
-dequantize-then-cuBLAS from M = 64 on. The tuner measures this per problem; candidates that are
-never fastest still stay in the list because the crossover moves with the shape.
+The crossover between paths moves with the shape and the GPU, so the tuner measures it per problem;
+``benchmarks/kernels.py --all`` measures every candidate on the GPU and writes the winners as a table.
 
-Paths: ``gemv`` (M <= 4, CUDA cores, split-K), ``gemm`` (``tl.dot``, two K loops: ``slots`` loads
-each word once, the gather loop reads words per row of the tile), ``dequant`` (dequantize to the
-activation dtype, then cuBLAS). For a key ``(bits, group, sym, dtype, M bucket, N, K, GPU)`` the
-tuner times a pruned candidate list with ``triton.testing.do_bench`` (L2 flushed before each run)
-and caches the winner in memory and in ``$AQSEARCH_CACHE/kernels/tune-<gpu>-<triton>.json``;
+Paths: ``gemv`` (M <= 4, CUDA cores, split-K), ``gemm`` (``tl.dot``, two K loops: ``packed`` loads
+each word once with swapped operands, the gather loop reads words per row of the tile),
+``dequant`` (dequantize to the activation dtype, whole or in L2-sized column chunks, then cuBLAS). For a key ``(bits, group, sym, dtype, M bucket, N, K, GPU)`` the
+tuner times a pruned candidate list as CUDA-graph replays over rotating weight copies
+(:func:`time_config`) and caches the winner in memory and in ``$AQSEARCH_CACHE/kernels/tune-<gpu>-<triton>.json``;
 ``_tuned.py`` ships choices measured on an H200. ``AQSEARCH_AUTOTUNE=0`` turns measuring off (then
 the shipped table or a heuristic decides).
 
@@ -17,6 +15,8 @@ the shipped table or a heuristic decides).
 ['gemv']
 >>> sorted({c["path"] for c in candidates(1024, 4096, 4096, bits=4, group=128, sms=132)})
 ['dequant', 'gemm']
+>>> sorted({c["path"] for c in candidates(8, 4096, 4096, bits=3, group=128, sms=132)})
+['gemm']
 >>> key(3, 4096, 4096, 4, 128, False, torch.float16)  # M = 3 shares the M = 4 bucket
 '4:128:a:float16:4:4096:4096'
 """
@@ -35,10 +35,15 @@ _LOCK = threading.Lock()
 _MEM: dict[str, dict] = {}
 _DISK_LOADED: set[str] = set()
 
-# Tile K of the GEMV and of the GEMM's slot loop, per bits (a GEMV tile of R word rows x 8 columns a
-# thread keeps ~64 words in registers; the slot loop needs >= 16 word rows for tl.dot).
+# Tile K of the GEMV per bits (a GEMV tile of R word rows x 8 columns a thread keeps ~64 words in
+# registers): (big, small).
 _GEMV_BKS = {2: (128, 64), 3: (64, 32), 4: (64, 32), 8: (32, 32)}
-_SLOT_BK = {2: 256, 3: 512, 4: 128, 8: 64}
+# Tile K of the half2 GEMV: acc[R, BN, 2] fp16 plus the words stay in 255 registers (2 bits at 128 spill).
+_GEMV_H2_BKS = {2: 64, 3: 64, 4: 64, 8: 32}
+# GEMV shapes at M = 1: (BN, num_warps, big/small BKS, prefetch). BN / (32 * warps) columns a thread,
+# 8 or more: two 16-byte loads a word row (gemlite's and bitsandbytes' GEMVs load 16 bytes a thread too).
+_GEMV_M1 = ((256, 1, "big", False), (256, 1, "small", True), (512, 1, "small", True), (512, 2, "big", False),
+            (1024, 4, "big", False), (512, 1, "big", False))
 
 
 def m_bucket(m: int) -> int:
@@ -59,42 +64,65 @@ def _split_for(tiles: int, k: int, step: int, sms: int, per_sm: int = 2) -> int:
     return max(1, min(want, k // (2 * step)))
 
 
+def dequant_chunk(k: int, l2_bytes: int = 50 << 20) -> int:
+    """Columns of one dequantize-then-cuBLAS chunk: a ``[K, chunk]`` fp16 buffer of about a third of
+    the L2, a multiple of 256 columns (whole words of packed zeros at every bit width)."""
+    return max(256, (l2_bytes // 3 // (2 * k)) // 256 * 256)
+
+
 def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[dict]:
-    """The pruned config list for one problem, best guess first."""
+    """The pruned config list for one problem, best guess first.
+
+    M <= 4: the CUDA-core GEMV (``gemv``); M <= 16 also the tensor-core GEMM with swapped operands
+    (``gemm``, ``packed``: each word loaded once, M the narrow side of the MMA); M >= 16 the packed
+    GEMM with wider M tiles and the gather loop; M >= 64 dequantize-then-cuBLAS, whole or in
+    L2-sized chunks. Every config is valid for any N and K (masks), split-K included.
+    """
     g = group
     out: list[dict] = []
     if m <= 4:
         big, small = (min(b, g) for b in _GEMV_BKS[bits])
-        if m == 1:  # (BN, warps, BKS, prefetch); one warp a program, 8-16 columns a thread
-            shapes = [(256, 1, big, False), (256, 1, small, True), (512, 1, small, True)]
-        elif m == 2:
-            shapes = [(256, 1, small, False), (512, 1, small, False)]
-        else:
-            shapes = [(256, 1, small, False)]
-        for bn, nw, bks, pf in shapes:
+        shapes = _GEMV_M1 if m == 1 else ((256, 1, "small", False), (512, 1, "small", False), (512, 2, "big", False))
+        for bn, nw, which, pf in shapes:
+            bks = big if which == "big" else small
             s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
-            mults = (2, 1, 4) if m == 1 else (1, 2)  # the first is the untuned default
-            for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in mults):
+            for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1, 4)):
                 out.append({"path": "gemv", "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "prefetch": pf})
-    if m >= 2:
+        if m == 1:  # the packed half2 GEMV (_gemv_h2): fp16 x; bf16 x runs the fp32 kernel with the same tiles
+            bks = min(_GEMV_H2_BKS[bits], g)
+            for bn, nw in ((256, 1), (512, 2)):  # 8 columns a thread: 16 would spill
+                s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
+                for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
+                    out.append({"path": "gemv", "h2": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split})
+    pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
+    if m <= 16:
+        for bn, bk, nw, st in ((128, pbk[0], 4, 3), (64, pbk[0], 4, 4), (128, pbk[-1], 8, 3)):
+            s = _split_for(-(-n // bn), k, bk, sms, per_sm=3)
+            for split in dict.fromkeys((s, 2 * s)):
+                out.append({"path": "gemm", "packed": True, "BM": 16, "BN": bn, "BK": bk, "num_warps": nw,
+                            "num_stages": st, "split": split})
+    if m >= 8:
         bm = 16 if m <= 16 else (64 if m <= 64 else 128)
         bn = 64 if m <= 16 else 128
         nw = 8 if bm == 128 else 4
         tiles = -(-m // bm) * -(-n // bn)
-        sbk = _SLOT_BK[bits]
-        if bits != 3:  # 3-bit slots need BK = 512: long compiles
-            s = _split_for(tiles, k, sbk, sms) if tiles < sms else 1
-            out.append({"path": "gemm", "slots": True, "BM": bm, "BN": bn, "BK": sbk, "num_warps": nw,
-                        "num_stages": 3, "split": s})
         gbk = min(g, 64)
         s = _split_for(tiles, k, gbk, sms) if tiles < sms else 1
-        out.append({"path": "gemm", "slots": False, "BM": bm, "BN": bn, "BK": gbk, "num_warps": nw,
+        out.append({"path": "gemm", "packed": False, "BM": bm, "BN": bn, "BK": gbk, "num_warps": nw,
                     "num_stages": 3, "split": s})
-        if m >= 512 and bits != 3:  # 3-bit gathers two word tiles: too much shared memory at BN=256
-            out.append({"path": "gemm", "slots": False, "BM": 128, "BN": 256, "BK": gbk, "num_warps": 8,
-                        "num_stages": 3, "split": 1})
+    if m > 16:
+        # (BM, BN, warps, stages): ptxas for sm_90 spills at 256-wide tiles (checked: 255 registers + stack)
+        shapes = ((64, 128, 4, 3), (32, 128, 4, 4)) if m <= 64 else ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3))
+        for bm, bn, nw, st in shapes:
+            tiles = -(-m // bm) * -(-n // bn)
+            s = _split_for(tiles, k, pbk[0], sms) if tiles < sms else 1
+            out.append({"path": "gemm", "packed": True, "BM": bm, "BN": bn, "BK": pbk[0], "num_warps": nw,
+                        "num_stages": st, "split": s})
     if m >= 64:
-        out.append({"path": "dequant", "BN": 256, "BKS": min(g, 64), "num_warps": 4})
+        c = dequant_chunk(k)
+        for chunk in dict.fromkeys((0, c, c // 2 if c >= 512 else c)):
+            if chunk < n:
+                out.append({"path": "dequant", "BN": 256, "BKS": min(g, 64), "num_warps": 4, "chunk": chunk})
     return out
 
 
@@ -179,7 +207,8 @@ def time_config(fn, copies: int = 1, target_ms: float = 3.0) -> float:
 
 
 def choose(x, qweight, scales, zeros, bits, group, k, tune: bool | None = None) -> dict:
-    """Config for ``x[M, K] @ W``: cached, shipped, measured now, or the first candidate."""
+    """Config for ``x[M, K] @ W``: cached, else shipped for this GPU, else measured now (the first
+    candidate where measuring is off). ``tune=True`` measures even over a shipped entry."""
     from .launch import run
     from .packing import effective_group
 
@@ -192,9 +221,12 @@ def choose(x, qweight, scales, zeros, bits, group, k, tune: bool | None = None) 
     if hit is not None:
         return hit
     cands = candidates(m, n, k, bits, g, _sm_count(x.device))
+    shipped = _shipped(kk)
+    if shipped is not None and tune is not True:
+        return shipped
     tune = autotune_enabled() if tune is None else tune
     if not tune or torch.cuda.is_current_stream_capturing():
-        return _shipped(kk) or cands[0]
+        return cands[0]
     best, best_t, times = None, float("inf"), {}
     wbytes = sum(t.numel() * t.element_size() for t in (qweight, scales, zeros) if t is not None)
     l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 << 20)

@@ -1,13 +1,16 @@
 """Launchers for the Triton kernels with an explicit config, and the split-K workspace.
 
 Each launcher takes plain tensors and ints (``x [M, K]`` with unit stride along K, ``qweight``
-int32 ``(words, N)``, ``scales``/``zeros`` fp16 ``(G, N)``, ``zeros=None`` for symmetric) and a
+int32 ``(words, N)``, ``scales`` fp16 ``(G, N)``; ``zeros``: packed integers int32
+``(G, zero_words(N, bits))``, fp16 ``(G, N)``, or ``None`` for symmetric, told apart by dtype) and a
 config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` they run on CPU tensors.
 
 A config is a dict, JSON-friendly so the tuner can cache it:
-``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}``,
-``{"path": "gemm", "BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 1}``,
-``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4}`` (then cuBLAS).
+``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}`` (``"h2": True``: the packed
+half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; otherwise, and for bf16 x, the fp32 one),
+``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``,
+``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 2048}`` (then cuBLAS; ``chunk``:
+columns dequantized at a time into one reused buffer that stays in L2, 0 for all at once).
 
 >>> import torch
 >>> from aqsearch.kernels import pack, reference
@@ -22,7 +25,7 @@ import os
 
 import torch
 
-from . import _gemm, _gemv
+from . import _gemm, _gemv, _gemv_h2
 from .packing import effective_group
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
@@ -64,6 +67,17 @@ def _split(k: int, step: int, split: int) -> tuple[int, int]:
     return per, -(-k // per)
 
 
+def zmode(zeros) -> tuple[int, int]:
+    """(ZMODE, words a group row of packed zeros): 0 symmetric, 1 fp16 zeros, 2 packed int32 zeros."""
+    if zeros is None:
+        return 0, 0
+    if zeros.dtype == torch.int32:
+        return 2, zeros.shape[1]
+    if zeros.dtype != torch.float16:
+        raise ValueError(f"zeros must be int32 (packed) or float16, got {zeros.dtype}")
+    return 1, 0
+
+
 def _common(x, qweight, bits, k, out):
     m, kx = x.shape
     if kx != k or x.stride(1) != 1:
@@ -86,10 +100,20 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     ws, locks = _workspace(x.device, n_split * m * n if n_split > 1 else 1, grid[0])
     if m > 4:
         raise ValueError(f"the GEMV kernel takes M <= 4 rows, got {m}")
+    zm, zw = zmode(zeros)
+    if cfg.get("h2") and m == 1 and x.dtype == torch.float16:  # packed half2 arithmetic (fp16 x only)
+        _gemv_h2.gemv_h2_kernel[grid](
+            x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
+            n, k, n_lo, zw, ONES, out.stride(0), per, n_split,
+            BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
+            EVEN_K=k % bks == 0, EVEN_N=n % bn == 0,
+            num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
+        )
+        return out
     _gemv.gemv_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
-        m, n, k, n_lo, ONES, x.stride(0), out.stride(0), per, n_split,
-        BITS=bits, GROUP=g, SYM=zeros is None, BM=_next_pow2(m), BN=bn, BKS=bks, USE_WS=n_split > 1,
+        m, n, k, n_lo, zw, ONES, x.stride(0), out.stride(0), per, n_split,
+        BITS=bits, GROUP=g, ZMODE=zm, BM=_next_pow2(m), BN=bn, BKS=bks, USE_WS=n_split > 1,
         EVEN_K=k % bks == 0, EVEN_N=n % bn == 0, PREFETCH=bool(cfg.get("prefetch", False)),
         num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
     )
@@ -104,39 +128,62 @@ def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     per, n_split = _split(k, bk, cfg.get("split", 1))
     n_tiles = triton_cdiv(m, bm) * triton_cdiv(n, bn)
     ws, locks = _workspace(x.device, n_split * m * n if n_split > 1 else 1, n_tiles)
-    dot_f32 = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    # the interpreter's bf16 tl.dot is wrong: see gemm_kernel's docstring for why fp32 copies are exact
+    dot_f32 = interpreting() and x.dtype == torch.bfloat16
+    zm, zw = zmode(zeros)
+    packed = bool(cfg.get("packed", False))
+    if packed and (bk > g or g % bk or (bits == 3 and bk % 32)):
+        raise ValueError(f"the packed GEMM loop needs BK | group (and 32 | BK at 3 bits): BK={bk}, group={g}")
     _gemm.gemm_kernel[(n_tiles, n_split)](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
-        m, n, k, n_lo, ONES, x.stride(0), out.stride(0), per, n_split,
-        BITS=bits, GROUP=g, SYM=zeros is None, BM=bm, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 8),
-        USE_WS=n_split > 1, DOT_F32=dot_f32 or x.dtype == torch.float32, SLOTS=bool(cfg.get("slots", False)),
+        m, n, k, n_lo, zw, x.stride(0), out.stride(0), per, n_split,
+        BITS=bits, GROUP=g, ZMODE=zm, BM=bm, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 8),
+        USE_WS=n_split > 1, DOT_F32=dot_f32 or x.dtype == torch.float32, PACKED=packed,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return out
 
 
-def dequant(qweight, scales, zeros, bits, group, k, dtype, cfg, out=None):
-    """Weight ``[K, N]`` (N contiguous) in ``dtype``: the input of dequantize-then-cuBLAS."""
+def dequant(qweight, scales, zeros, bits, group, k, dtype, cfg, out=None, n0=0, n_cols=None):
+    """Weight ``[K, n_cols]`` (columns ``n0 ..`` of W, N contiguous) in ``dtype``: the input of
+    dequantize-then-cuBLAS. ``out`` may be a column slice of a wider buffer (unit column stride)."""
     n = qweight.shape[1]
+    n_cols = n - n0 if n_cols is None else n_cols
     g = effective_group(group, k)
     bks = min(cfg.get("BKS", 64), g)
     bn = cfg.get("BN", 256)
     if out is None:
-        out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+        out = torch.empty(k, n_cols, dtype=dtype, device=qweight.device)
     n_lo = -(-k // 16) if bits == 3 else 0
-    _gemm.dequant_kernel[(triton_cdiv(n, bn), triton_cdiv(k, bks))](
-        qweight, scales, scales if zeros is None else zeros, out, n, k, n_lo, ONES,
-        BITS=bits, GROUP=g, SYM=zeros is None, BN=bn, BKS=bks, num_warps=cfg.get("num_warps", 4),
+    zm, zw = zmode(zeros)
+    _gemm.dequant_kernel[(triton_cdiv(n_cols, bn), triton_cdiv(k, bks))](
+        qweight, scales, scales if zeros is None else zeros, out, n, k, n_lo, zw, ONES, n0, n_cols, out.stride(0),
+        BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, num_warps=cfg.get("num_warps", 4),
     )
     return out
 
 
 def dequant_matmul(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
-    """Dequantize to ``x.dtype`` then one cuBLAS matmul: wins when M is large (compute-bound)."""
-    w = dequant(qweight, scales, zeros, bits, group, k, x.dtype, cfg)
+    """Dequantize to ``x.dtype`` then cuBLAS: wins when M is large (compute-bound).
+
+    ``cfg["chunk"]`` > 0: ``chunk`` columns at a time into one reused ``[K, chunk]`` buffer, each
+    followed by its cuBLAS matmul into the matching output columns. A chunk of a few MiB is written
+    and read back inside the L2 and overwritten there by the next one, so the fp16 weight mostly
+    never travels to HBM; only the packed weight does.
+    """
+    n = qweight.shape[1]
+    chunk = int(cfg.get("chunk", 0) or 0)
+    if chunk <= 0 or chunk >= n:
+        w = dequant(qweight, scales, zeros, bits, group, k, x.dtype, cfg)
+        return x @ w if out is None else torch.matmul(x, w, out=out)
     if out is None:
-        return x @ w
-    return torch.matmul(x, w, out=out)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    buf = torch.empty(k, chunk, dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, chunk):
+        c = min(chunk, n - n0)
+        w = dequant(qweight, scales, zeros, bits, group, k, x.dtype, cfg, out=buf[:, :c], n0=n0, n_cols=c)
+        torch.mm(x, w, out=out[:, n0:n0 + c])  # a column slice (row stride N): cuBLAS writes it in place
+    return out
 
 
 def run(x, qweight, scales, zeros, bits, group, k, cfg, out=None):

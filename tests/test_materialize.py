@@ -24,6 +24,7 @@ PLAN = Plan.from_layers({
     "_default": "w4g64",
     "re:.*mlp\\.down_proj": "w3g32",
     "re:.*self_attn\\.k_proj": "w8g128",
+    "re:.*self_attn\\.v_proj": "w3g64f",
     "model.layers.0.self_attn.q_proj": None,
     "model.layers.1.mlp.up_proj": "w2g32s",
 })
@@ -108,13 +109,44 @@ def test_save_load_round_trip_and_bytes_on_disk(tmp_path):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:  # unquantized tensors in fp16
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["model.layers.0.mlp.up_proj.qweight"] == "I32"
-    assert {d for k, d in dtypes.items() if not k.endswith("qweight")} == {"F16"}
+    assert dtypes["model.layers.0.mlp.up_proj.zeros"] == "I32"  # integer zeros, packed
+    assert dtypes["model.layers.0.self_attn.v_proj.zeros"] == "F16"  # w3g64f: fp16 zeros
+    assert "model.layers.1.mlp.up_proj.zeros" not in dtypes  # symmetric: none
+    assert {d for k, d in dtypes.items() if not k.endswith(("qweight", "zeros"))} == {"F16"}
     assert "lm_head.weight" not in dtypes  # tied to the embeddings: stored once
     m2, tok = load(folder)
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
     assert tok is not None and next(m2.parameters()).dtype == torch.float32
     q1, q2 = m.model.layers[1].mlp.down_proj, m2.model.layers[1].mlp.down_proj
     assert torch.equal(q1.qweight, q2.qweight) and torch.equal(q1.scales, q2.scales)
+    torch.testing.assert_close(m2(x).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_version_1_checkpoint_with_fp16_zeros_still_loads(tmp_path):
+    """Checkpoints written before the packed layout stored integer-valued zeros as fp16 (G, N)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from aqsearch.kernels import unpack_zeros
+
+    m = tiny()
+    materialize(m, PLAN, dtype=torch.float32)
+    save(m, PLAN, tmp_path / "q", tokenizer=tokenizer())
+    x = ids()
+    logits = m(x).logits
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    meta = json.loads((tmp_path / "q" / "aqsearch.json").read_text())
+    for name, info in meta["layers"].items():  # rewrite as version 1: fp16 zeros (G, N)
+        s = info["scheme"] and QuantScheme.parse(info["scheme"])
+        if s and s.zero_format == "int":
+            state[f"{name}.zeros"] = unpack_zeros(state[f"{name}.zeros"], s.bits, info["out_features"]).half().contiguous()
+    save_file(state, str(tmp_path / "q" / "model.safetensors"))
+    meta["version"] = 1
+    (tmp_path / "q" / "aqsearch.json").write_text(json.dumps(meta))
+    m2, _ = load(tmp_path / "q")
+    assert m2.model.layers[0].mlp.up_proj.zeros.dtype == torch.int32
     torch.testing.assert_close(m2(x).logits, logits, rtol=1e-5, atol=1e-5)
 
 

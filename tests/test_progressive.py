@@ -76,22 +76,71 @@ def test_kill_9_midway_then_resume_gives_the_same_plan(first_run, tiny_dir, tmp_
     assert a["layers"] == b["layers"] and a.get("weights", {}).get("sha256") == b.get("weights", {}).get("sha256")
 
 
-def test_impossible_budget_names_the_smallest_size(tiny_dir, tmp_path, capsys):
-    argv, out, jr = progressive(tiny_dir, tmp_path, "1KiB", "c", ["--no-train"])
+def smallest_plan_bytes() -> int:
+    """Every decoder Linear of the tiny model at the engine's smallest scheme."""
+    from aqsearch.config import QuantScheme
+    from aqsearch.memory import smallest_bytes
+    from aqsearch.models import decoder_layers
+    from tinymodels import tiny_model
+
+    return smallest_bytes(decoder_layers(tiny_model()), [QuantScheme(b, g) for b in (8, 4, 3, 2) for g in (32, 64, 128, 256)])
+
+
+def test_budget_the_gates_cannot_meet_names_the_smallest_size(tiny_dir, tmp_path, capsys):
+    # the smallest plan there is, with a block gate almost nothing passes: possible, but not within the gates
+    argv, out, jr = progressive(tiny_dir, tmp_path, str(smallest_plan_bytes()), "c", ["--no-train", "--gate", "mse=1e-7"])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot be met" in err and "gates allow no less than" in err and out.exists()
+    # the journal of that run replays to its best plan, with a warning that it missed the budget
+    assert main(["replay", "--journal", str(jr), "--out", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aqsearch: warning:") and "missed its budget" in err[0]
+
+
+def test_budget_below_the_smallest_plan_is_refused_at_once(tiny_dir, tmp_path, capsys):
+    argv, out, jr = progressive(tiny_dir, tmp_path, str(smallest_plan_bytes() - 1), "d")
+    t0 = time.time()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "below the smallest plan the engine can make" in err[0]
+    assert f"{smallest_plan_bytes():,} B" in err[0]
+    assert not jr.exists() and not out.exists() and time.time() - t0 < 30  # no block was started
+
+
+@pytest.mark.parametrize("flag", ["--out", "--journal"])
+def test_unwritable_output_is_found_before_any_work(tiny_dir, tmp_path, capsys, flag):
+    argv, out, jr = progressive(tiny_dir, tmp_path, "4bpw", "e")
+    argv[argv.index(flag) + 1] = "/proc/aqsearch-test/x"
+    t0 = time.time()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "cannot write" in err[0]
+    assert not jr.exists() and not out.exists() and time.time() - t0 < 2  # refused before the model loads
+
+
+@pytest.mark.parametrize("where", ["unwritable", "folder", "file"])
+def test_replay_out_that_cannot_or_should_not_be_written(first_run, tmp_path, capsys, where):
+    tmp, _, jr = first_run
+    out = {"unwritable": "/proc/aqsearch-test/x.json", "folder": str(tmp_path), "file": str(tmp_path / "mine.json")}[where]
+    if where == "file":
+        (tmp_path / "mine.json").write_text("mine")
+    assert main(["replay", "--journal", str(jr), "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and {"unwritable": "cannot write", "folder": "is a folder", "file": "use --force"}[where] in err[0]
+    if where == "file":
+        assert (tmp_path / "mine.json").read_text() == "mine"
 
 
 def test_journal_of_another_run_is_refused(first_run, tiny_dir, capsys):
     tmp, out, jr = first_run
-    argv, _, _ = progressive(tiny_dir, tmp, "3bpw", "a")  # same journal, other budget
+    argv, _, _ = progressive(tiny_dir, tmp, "3bpw", "a", ["--force"])  # same journal, other budget
     assert main(argv) == 2
     assert "belongs to another run" in capsys.readouterr().err
 
 
 def test_unfinished_journal_cannot_be_replayed(tmp_path):
     j = Journal(tmp_path / "j.jsonl")
-    j.append({"type": "start", "n_blocks": 3})
+    j.append({"type": "start", "version": 1, "n_blocks": 3})
     with pytest.raises(Exception, match="unfinished"):
         replay(j)

@@ -97,3 +97,12 @@ def test_offsets_move_codes():
     base = quantize(w, s).codes
     moved = quantize(w, s, v=torch.tensor([[0.0, -0.45, 0.0, 0.0]])).codes
     assert base.tolist() == [[0, 1, 2, 3]] and moved.tolist() == [[0, 0, 2, 3]]
+
+
+def test_fp16_zero_quantizes_like_the_integer_zero():
+    """``w4g64f`` stores the zero in fp16 (4.5 bpw) but computes the same integer zero as ``w4g64``:
+    the codes and values are identical, only the bytes differ."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02 + 0.01
+    qf, qi = quantize(w, QuantScheme(4, 64, fzero=True)), quantize(w, QuantScheme(4, 64))
+    assert torch.equal(qf.codes, qi.codes) and torch.equal(qf.zero, qi.zero) and torch.equal(qi.zero, qi.zero.round())
+    assert torch.equal(dequantize(qf), fake_quantize(w, QuantScheme(4, 64, fzero=True)))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
@@ -120,9 +121,9 @@ def test_pick_by_budget(study, tmp_path, capsys):
     assert got["bytes"] <= mid["bytes"]
     assert got["kl_mean"] == min(p["kl_mean"] for p in front if p["bytes"] <= mid["bytes"])
     assert json.loads(out.read_text())["version"] == 1
-    assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(out)]) == 2
+    assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(tmp_path / "q.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "below the smallest plan on the front" in err[0]
+    assert len(err) == 1 and "below the smallest plan on the front" in err[0] and not (tmp_path / "q.json").exists()
 
 
 def test_same_seed_same_front(tiny_dir, tmp_path):
@@ -181,14 +182,34 @@ def test_trial_taken_but_never_beating_is_run_again(tiny_dir, tmp_path):
     params = st.trials[1].params
     st.enqueue_trial(params)
     orphan = st.ask()  # RUNNING, no heartbeat: what a kill -9 inside Optuna's ask() leaves
+    orphan.set_constraint("memory", st.trials[1].system_attrs["constraints"][0])  # ... once the objective began
     assert st.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert not [w for w in caught if "constraint value is ignored" in str(w.message)]  # the rerun sets it once
     st = load_study(url, "o")
     assert st.trials[orphan.number].state == optuna.trial.TrialState.FAIL
     retried = [t for t in st.trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == params and retried[0].values == st.trials[1].values
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+def test_trials_is_the_total_the_study_reaches(tiny_dir, tmp_path, capsys):
+    """--trials N on a study of fewer trials queues the difference; on one of more, says so and adds none."""
+    url = f"sqlite:///{tmp_path}/g.db"
+    assert main(search_argv(tiny_dir, url, "g", 4)) == 0
+    first = {t.number: t.values for t in load_study(url, "g").trials}
+    capsys.readouterr()
+    assert main(search_argv(tiny_dir, url, "g", 7)) == 0
+    st = load_study(url, "g")
+    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 7
+    assert all(st.trials[n].values == v for n, v in first.items())  # the first four kept as they were
+    assert "adding 3 to reach 7" in capsys.readouterr().err
+    assert main(search_argv(tiny_dir, url, "g", 5)) == 0
+    err = capsys.readouterr().err
+    assert "already holds 7 trials, more than --trials 5" in err and len(load_study(url, "g").trials) == 7
 
 
 def test_two_workers_on_postgresql(tiny_dir, postgres_url):

@@ -19,7 +19,7 @@ def problem(n, k, bits, group, sym=False, seed=0):
         qw = packing.pack(codes, bits).cuda()
     ng = -(-k // packing.effective_group(group, k))
     s = (torch.rand(ng, n, device="cuda", generator=g) * 0.01 + 1e-3).half()
-    z = None if sym else torch.randint(0, 1 << bits, (ng, n), device="cuda", generator=g).half()
+    z = None if sym else packing.pack_zeros(torch.randint(0, 1 << bits, (ng, n), device="cuda", generator=g), bits)
     return qw, s, z
 
 

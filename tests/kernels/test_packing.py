@@ -50,16 +50,55 @@ def test_layout_lowest_bits_first_and_3bit_planes():
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("sym", (False, True))
+@pytest.mark.parametrize("zero", ("int", "fp16", "none"))
 @pytest.mark.parametrize("nk", ((64, 576), (48, 1536), (40, 200), (1, 4096)))
-def test_storage_bytes_equal_layer_bytes(bits, group, sym, nk):
+def test_storage_bytes_equal_layer_bytes(bits, group, zero, nk):
     n, k = nk
-    scheme = QuantScheme(bits, group, sym)
+    scheme = QuantScheme(bits, group, sym=zero == "none", fzero=zero == "fp16")
     g = packing.effective_group(group, k)
+    groups = -(-k // g)
     qw = packing.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8), bits)
-    scales = torch.rand(-(-k // g), n).half()  # the (groups, N) fp16 metadata a QuantLinear stores
-    zeros = None if sym else torch.rand(-(-k // g), n).half()
+    scales = torch.rand(groups, n).half()  # the (groups, N) fp16 metadata a QuantLinear stores
+    zeros = {"none": None, "fp16": torch.rand(groups, n).half(),
+             "int": packing.pack_zeros(torch.randint(0, 1 << bits, (groups, n)), bits)}[zero]
     assert packing.storage_bytes(qw, scales, zeros) == layer_bytes(n, k, scheme)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("n", (576, 40, 1, 33))  # 40, 1, 33: the last zero word of a row is ragged
+def test_integer_zeros_round_trip(bits, n):
+    z = torch.randint(0, 1 << bits, (5, n), generator=torch.Generator().manual_seed(n))
+    p = packing.pack_zeros(z, bits)
+    assert p.dtype == torch.int32 and p.shape == (5, packing.zero_words(n, bits))
+    assert torch.equal(packing.unpack_zeros(p, bits, n), z.to(torch.uint8))
+    if n % 32 == 0:  # exactly b bits a zero
+        assert p.numel() * 32 == 5 * n * bits
+
+
+def test_integer_zeros_layout_and_errors():
+    z = torch.tensor([[1, 2, 3, 0, 1]])  # one group row, N = 5, 2-bit: lowest bits first along N
+    assert packing.pack_zeros(z, 2).tolist() == [[1 | 2 << 2 | 3 << 4 | 0 << 6 | 1 << 8]]
+    z3 = torch.tensor([[4] * 17])  # 3-bit: high bits in the 1-bit plane after ceil(17/16) = 2 low words
+    p = packing.pack_zeros(z3, 3)
+    assert p.shape == (1, 3) and p[0, :2].tolist() == [0, 0] and int(p[0, 2]) == (1 << 17) - 1
+    with pytest.raises(ValueError):
+        packing.pack_zeros(torch.tensor([[0.5]]), 4)  # not a whole number
+    with pytest.raises(ValueError):
+        packing.pack_zeros(torch.tensor([[16]]), 4)  # does not fit in 4 bits
+    with pytest.raises(ValueError):
+        packing.unpack_zeros(torch.zeros(1, 3, dtype=torch.int32), 4, 64)  # 64 4-bit zeros need 8 words
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("group", (32, 64, None))
+def test_reference_reads_packed_integer_zeros(bits, group):
+    k = 200  # a short last group
+    qt = _qt(40, k, QuantScheme(bits, group))  # N = 40: ragged zero words
+    packed, scales = packing.pack(qt.codes, bits), qt.scale.t().contiguous()
+    zi = packing.pack_zeros(qt.zero.t(), bits)
+    w = reference.dequantize(packed, scales, zi, bits, group, k)
+    assert torch.equal(w, dequantize(qt))  # to the bit, as with the fp16 zeros
+    assert torch.equal(w, reference.dequantize(packed, scales, qt.zero.t().contiguous(), bits, group, k))
 
 
 def test_three_bits_are_three_bits():

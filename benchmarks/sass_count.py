@@ -1,0 +1,98 @@
+"""SASS instructions a weight of the M = 1 GEMV kernels, compiled for sm_90 on any machine (no GPU).
+
+Compiles ``_gemv.gemv_kernel`` (fp32 FFMA) and ``_gemv_h2.gemv_h2_kernel`` (packed half2) with
+``triton.compile(..., target=GPUTarget("cuda", 90, 32))``, disassembles the cubin with the
+``cuobjdump`` Triton ships, finds the K loop (the backward branch) and divides its instructions by
+the weights one thread decodes an iteration. Prints a markdown table (the one in
+``benchmarks/results/kernel-notes.md``).
+
+    python benchmarks/sass_count.py
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from aqsearch.kernels import _gemv, _gemv_h2  # noqa: E402
+
+OLD_SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16",
+           "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_lo": "i32",
+           "ZW": "i32", "ones": "i32", "stride_xm": "i32", "stride_om": "i32", "k_per_split": "i32",
+           "n_split": "i32"}
+NEW_SIG = {a: t for a, t in OLD_SIG.items() if a not in ("M", "stride_xm")}
+
+
+def sass(fn, sig, consts, num_warps):
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    regs = re.search(r"\.maxnreg|reg", "")  # register count: from cuobjdump -res-usage
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    spill = re.search(r"STACK:(\d+)", res)
+    return text, regs.group(1) if regs else "?", int(spill.group(1)) if spill else 0
+
+
+def loop_body(text):
+    """Opcodes of the longest backward-branch range (the K loop)."""
+    ins = []
+    for line in text.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(3).split(".")[0], m.group(4)))
+    best = []
+    for i, (addr, op, rest) in enumerate(ins):
+        t = re.search(r"0x([0-9a-f]+)", rest)
+        if op == "BRA" and t and int(t.group(1), 16) < addr:
+            body = [o for a, o, _ in ins if int(t.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def count(bits, new, bn=256, nw=1, bks=None):
+    bks = bks or {2: 128, 3: 64, 4: 64, 8: 32}[bits] if not new else {2: 64, 3: 64, 4: 64, 8: 32}[bits]
+    consts = {"BITS": bits, "GROUP": 128, "ZMODE": 2, "BN": bn, "BKS": bks, "USE_WS": True, "EVEN_K": True,
+              "EVEN_N": True}
+    if new:
+        text, regs, spills = sass(_gemv_h2.gemv_h2_kernel, NEW_SIG, consts, nw)
+    else:
+        text, regs, spills = sass(_gemv.gemv_kernel, OLD_SIG, dict(consts, BM=1, PREFETCH=False), nw)
+    body = loop_body(text)
+    weights = bks * bn // (32 * nw)  # one thread's weights an iteration
+    return len(body) / weights, collections.Counter(body), regs, spills, bks
+
+
+def main():
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print("| bits | kernel | BN x BKS, warps | instr / weight (K loop) | regs | top opcodes per weight |")
+    print("|---|---|---|---:|---:|---|")
+    for bits in (2, 3, 4, 8):
+        for new in (False, True):
+            per, ops, regs, spills, bks = count(bits, new)
+            w = bks * 256 // 32
+            top = ", ".join(f"{o} {n / w:.2f}" for o, n in ops.most_common(6))
+            print(f"| w{bits} | {'half2 (new)' if new else 'fp32 (old)'} | 256 x {bks}, 1 | {per:.2f} | {regs}"
+                  f"{f' +{spills} spill' if spills else ''} | {top} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Bad input never reaches the user as a traceback: one line on stderr, exit status 2, nothing on stdout.
+
+One test per traceback a user met (issue 11), plus the inputs that used to be taken silently. Each
+command is given input that is bad in exactly one way; a test fails if the command crashes, exits 0,
+or says more than one line.
+"""
+
+import json
+
+import pytest
+
+from aqsearch.cli import main
+from aqsearch.config import QuantScheme
+from aqsearch.memory import layer_bytes
+from aqsearch.models import decoder_layers
+from tinymodels import tiny_model
+
+DATA = ["--eval-tokens", "64", "--seqlen", "32"]
+UNWRITABLE = "/proc/aqsearch-test/out"  # no one, root included, can create files under /proc
+
+
+def one_line_error(capsys, argv, needle):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert len(lines) == 1 and lines[0].startswith("aqsearch: error:") and needle in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad-study")
+    url = f"sqlite:///{d}/s.db"
+    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "s", "--trials", "3", "--budget",
+                 "6bpw", "--calib-samples", "4", "--calib-seqlen", "32", "--warm-knapsack", "0", *DATA]) == 0
+    return url
+
+
+@pytest.fixture(scope="module")
+def materialized(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad-mat") / "m"
+    assert main(["materialize", "--model", str(tiny_dir), "--scheme", "w4g32", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+# ---- the tracebacks ---------------------------------------------------------------------------------
+def test_eval_plan_whose_weights_is_not_a_reference(capsys, tiny_dir, tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"version": 1, "layers": {"_default": "w4g32"}, "weights": "x"}))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--plan", str(p), *DATA], "'weights' must be")
+
+
+def test_eval_plan_with_garbage_weights_file(capsys, tiny_dir, tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(bytes(range(256)) * 8)
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"version": 1, "layers": {"_default": "w4g32"}, "weights": {"file": "w.safetensors"}}))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--plan", str(p), *DATA], "not a trained-weights file")
+
+
+def test_replay_of_a_binary_journal(capsys, tmp_path):
+    (tmp_path / "j.jsonl").write_bytes(bytes(range(256)) * 8)
+    one_line_error(capsys, ["replay", "--journal", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "p.json")],
+                   "corrupt at line 1")
+
+
+@pytest.mark.parametrize("cmd", ["front", "pick"])
+def test_reading_a_journal_storage_in_a_missing_folder(capsys, tmp_path, cmd):
+    extra = ["--budget", "4bpw", "--out", str(tmp_path / "p.json")] if cmd == "pick" else []
+    one_line_error(capsys, [cmd, "--storage", f"journal:///{tmp_path}/missing_dir/x.log", "--study", "s", *extra],
+                   "storage file not found")
+    assert not (tmp_path / "missing_dir").exists()
+
+
+@pytest.mark.parametrize("where", ["unwritable", "folder"])
+def test_pick_out_unwritable_or_a_folder(capsys, study, tmp_path, where):
+    out = UNWRITABLE if where == "unwritable" else str(tmp_path)
+    one_line_error(capsys, ["pick", "--storage", study, "--study", "s", "--budget", "6bpw", "--out", out],
+                   "cannot write" if where == "unwritable" else "is a folder")
+
+
+def test_front_plot_in_an_unknown_format(capsys, study, tmp_path):
+    one_line_error(capsys, ["front", "--storage", study, "--study", "s", "--plot", str(tmp_path / "front.xyz")],
+                   "cannot write a .xyz image")
+    assert not list(tmp_path.iterdir())
+
+
+def test_materialize_out_unwritable(capsys, tiny_dir):
+    one_line_error(capsys, ["materialize", "--model", str(tiny_dir), "--scheme", "w4g32", "--out", UNWRITABLE],
+                   "cannot write")
+
+
+def test_generate_with_an_empty_prompt(capsys, materialized):
+    one_line_error(capsys, ["generate", str(materialized), "--prompt", "", "--device", "cpu"], "--prompt is empty")
+
+
+def test_generate_on_a_truncated_checkpoint(capsys, materialized, tmp_path):
+    import shutil
+
+    bad = tmp_path / "m"
+    shutil.copytree(materialized, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(4000)
+    one_line_error(capsys, ["generate", str(bad), "--prompt", "the fox", "--device", "cpu"], "truncated or damaged")
+
+
+# ---- inputs that were taken silently ----------------------------------------------------------------
+def test_plan_naming_a_layer_the_model_lacks(capsys, tiny_dir, tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"version": 1, "layers": {"model.layers.99.mlp.down_proj": "w4g32"}}))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--plan", str(p), *DATA], "model.layers.99.mlp.down_proj")
+    one_line_error(capsys, ["materialize", "--model", str(tiny_dir), "--plan", str(p), "--out", str(tmp_path / "m")],
+                   "does not have")
+    assert not (tmp_path / "m").exists()
+
+
+def test_plan_without_version(capsys, tiny_dir, tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"layers": {"_default": "w4g32"}}))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--plan", str(p), *DATA], "'version'")
+
+
+def test_empty_scheme(capsys, tiny_dir, tmp_path):
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "", *DATA], "invalid scheme ''")
+    one_line_error(capsys, ["materialize", "--model", str(tiny_dir), "--scheme", "", "--out", str(tmp_path / "m")],
+                   "invalid scheme ''")
+
+
+def test_empty_scheme_list(capsys, tiny_dir):
+    one_line_error(capsys, ["uniform", "--model", str(tiny_dir), "--schemes", " , ", *DATA], "names no scheme")
+
+
+def test_journal_of_another_version(capsys, tmp_path):
+    j = tmp_path / "j.jsonl"
+    j.write_text(json.dumps({"type": "start", "version": 99, "n_blocks": 0}) + "\n")
+    one_line_error(capsys, ["replay", "--journal", str(j), "--out", str(tmp_path / "p.json")], "version 99")
+
+
+def test_binary_data_is_not_text(capsys, tiny_dir, tmp_path):
+    (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 64)
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(tmp_path / "b.bin"),
+                            *DATA], "not UTF-8 text")
+    (tmp_path / "z.bin").write_bytes(b"text\x00\x00\x00" * 64)  # valid UTF-8, but NULs: not text either
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(tmp_path / "z.bin"),
+                            *DATA], "NUL bytes")
+
+
+@pytest.mark.parametrize("budget", ["1e99", "17bpw"])
+def test_budget_beyond_the_model(capsys, tiny_dir, tmp_path, budget):
+    one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "s",
+                            "--trials", "2", "--budget", budget, *DATA], "full precision")
+
+
+def test_decimal_megabytes_are_taken_as_decimal(capsys, tiny_dir):
+    w8 = sum(layer_bytes(l.out_features, l.in_features, QuantScheme(8, 32)) for l in decoder_layers(tiny_model()))
+    # 1 % below uniform w8g32 in decimal MB: too small for it; read as MiB it would be 4.9 % larger and fit
+    text = f"{w8 * 0.99 / 10**6:.6f}MB"
+    rc = main(["uniform", "--model", str(tiny_dir), "--schemes", "w8g32", "--budget", text, "--json", *DATA])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0 and obj["budget_bytes"] == int(float(text[:-2]) * 10**6) and not obj["results"][0]["fits"]
+
+
+def test_postgresql_error_hides_the_password(capsys, tiny_dir):
+    line = one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", "postgresql://u:s3cr3t@127.0.0.1:1/db",
+                                   "--study", "s", "--trials", "2", "--budget", "6bpw", *DATA], "cannot open storage")
+    assert "s3cr3t" not in line and "u:***@" in line
+
+
+@pytest.mark.parametrize("cmd", ["front", "pick"])
+def test_missing_study_leaves_no_file_behind(capsys, tmp_path, cmd):
+    extra = ["--budget", "4bpw", "--out", str(tmp_path / "p.json")] if cmd == "pick" else []
+    for url, f in ((f"sqlite:///{tmp_path}/s.db", "s.db"), (f"journal:///{tmp_path}/s.log", "s.log")):
+        one_line_error(capsys, [cmd, "--storage", url, "--study", "s", *extra], "storage file not found")
+        assert not (tmp_path / f).exists()

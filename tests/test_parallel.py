@@ -1,0 +1,30 @@
+"""One process per visible GPU: every job runs once, results come back in job order, failures surface."""
+
+import pytest
+
+from aqsearch.parallel import JobFailed, run_per_gpu, visible_gpus
+from parallel_jobs import init, job
+
+
+def test_two_workers_share_the_queue_and_see_one_gpu_each():
+    seen = []
+    out = run_per_gpu(init, job, list(range(6)), gpus=["0", "1"], on_result=lambda i, r: seen.append(i))
+    assert [r[0] for r in out] == [x * x for x in range(6)]  # in job order, whatever order they finished
+    assert sorted(seen) == list(range(6))  # each reported once, as it finished
+    assert {r[2] for r in out} <= {"0", "1"}  # every worker saw exactly one GPU
+    assert len({(r[1], r[2]) for r in out}) >= 1 and all(r[1] != 0 for r in out)
+
+
+def test_a_failed_job_raises_or_is_left_in_place():
+    with pytest.raises(JobFailed, match="negative job"):
+        run_per_gpu(init, job, [1, -1, 2], gpus=["0", "1"])
+    out = run_per_gpu(init, job, [1, -1, 2], gpus=["0", "1"], keep_going=True)
+    assert out[0][0] == 1 and isinstance(out[1], JobFailed) and out[2][0] == 4
+
+
+def test_without_gpus_jobs_run_here_in_order(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    assert [r[0] for r in run_per_gpu(init, job, [3, 4], gpus=[])] == [9, 16]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == ["2", "3"]
