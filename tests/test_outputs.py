@@ -71,7 +71,7 @@ def test_pick_keeps_an_existing_plan(capsys, study, tmp_path):
     argv = ["pick", "--storage", study, "--study", "s", "--budget", "10bpw", "--out", str(out)]
     assert "plan.json exists (use --force" in error_line(capsys, argv)
     assert out.read_text() == "my plan"
-    assert main([*argv, "--force"]) == 0 and json.loads(out.read_text())["version"] == 1
+    assert main([*argv, "--force"]) == 0 and json.loads(out.read_text())["version"] == 2
 
 
 def test_front_keeps_an_existing_plot(capsys, study, tmp_path):

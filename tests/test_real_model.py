@@ -40,6 +40,6 @@ def test_smollm2_end_to_end(smol):
         m = evaluate(smol.model, ref, Plan.uniform(scheme))
         kls[scheme] = m.kl_mean
         if scheme == "w4g64":
-            assert m.bytes == 59_719_680 and m.bpw == 4.5
+            assert m.bytes == 57_231_360 and m.bpw == 4.3125  # integer zeros: 16 + 4 bits a group of 64
     assert kls["w8g64"] < 0.01
     assert kls["w8g64"] < kls["w4g64"] < kls["w3g64"] < kls["w2g64"]

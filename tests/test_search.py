@@ -93,7 +93,7 @@ def test_feasible_front_by_hand():
         return optuna.trial.create_trial(values=[kl, b], system_attrs={"constraints": [c]})
     trials = [t(0.1, 100, 0), t(0.2, 90, 0), t(0.3, 95, 0), t(0.05, 200, 1), t(0.1, 100, 0)]
     assert [(x.values[0], x.values[1]) for x in feasible_front(trials)] == [(0.1, 100), (0.2, 90), (0.1, 100)]
-    assert scheme_cost("w4g64") == 4.5 and scheme_cost("w4g64s") == 4.25 and scheme_cost("fp16") == 16
+    assert scheme_cost("w4g64") == 4.3125 and scheme_cost("w4g64f") == 4.5 and scheme_cost("w4g64s") == 4.25 and scheme_cost("fp16") == 16
 
 
 def test_local_sampler_moves_a_few_units_from_the_front(tiny_dir, tmp_path):
