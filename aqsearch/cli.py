@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_data(p, eval_tokens=2048, seqlen=256)
     p.add_argument("--budget", default="4.5bpw", help=BUDGET_HELP)
-    p.add_argument("--trials", type=_positive_int, default=24)
+    p.add_argument("--trials", type=_positive_int, default=16, help="trials of the study (16: under 10 minutes on 2 cores)")
     p.add_argument("--workdir", default="aqsearch-run", help="folder for the study, the plot and the plan")
     p.add_argument("--seed", type=int, default=0)
 

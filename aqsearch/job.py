@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aqsearch.config import Budget, Plan, all_schemes
+from aqsearch.config import Budget, Plan
 from aqsearch.data import calib_eval_sets
 from aqsearch.memory import plan_bytes
 from aqsearch.quality import build_reference, evaluate
@@ -40,7 +40,7 @@ class JobSettings:
     polish_steps: int = 6
 
 
-def run_job(loaded, budget: str, workdir: str | os.PathLike = "aqsearch-run", trials: int = 24,
+def run_job(loaded, budget: str, workdir: str | os.PathLike = "aqsearch-run", trials: int = 16,
             calib: str | None = None, evaluation: str | None = None, eval_tokens: int = 2048, seqlen: int = 256,
             device: str = "cpu", seed: int = 0, job: JobSettings = JobSettings()) -> dict:
     from aqsearch.artifact import write_artifact
@@ -81,7 +81,8 @@ def run_job(loaded, budget: str, workdir: str | os.PathLike = "aqsearch-run", tr
     ref = build_reference(loaded.model, ev, batch_size=bs, cache_key=loaded.fingerprint)
     picked = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(polished), batch_size=bs)
     unpolished = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(tensors), batch_size=bs)
-    fits = [sch for sch in all_schemes() if plan_bytes(loaded.model, Plan.uniform(sch)).bytes <= limit]
+    # the uniform baseline: the largest scheme of the study's own menu that fits (the study was seeded with it)
+    fits = [sch for sch in job.schemes if plan_bytes(loaded.model, Plan.uniform(sch)).bytes <= limit]
     best_uniform = max(fits, key=lambda sch: plan_bytes(loaded.model, Plan.uniform(sch)).bytes) if fits else None
     uni = evaluate(loaded.model, ref, Plan.uniform(best_uniform), batch_size=bs) if best_uniform else None
     return {"study": name, "storage": storage, "front": front, "plan": str(work / "plan.json"),

@@ -120,7 +120,7 @@ def test_pick_by_budget(study, tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["bytes"] <= mid["bytes"]
     assert got["kl_mean"] == min(p["kl_mean"] for p in front if p["bytes"] <= mid["bytes"])
-    assert json.loads(out.read_text())["version"] == 1
+    assert json.loads(out.read_text())["version"] == 2
     assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(tmp_path / "q.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "below the smallest plan on the front" in err[0] and not (tmp_path / "q.json").exists()
