@@ -124,14 +124,14 @@ def test_polish_starts_from_the_bank_and_improves_the_plan(full_bank, loaded, ca
     from aqsearch.polish import polish
     from aqsearch.training import TrainSettings, rel_error
 
-    plan, tensors = compose(full_bank, {u.name: "w3g64" for u in full_bank.units})
+    plan, tensors = compose(full_bank, {u.name: "w2g32" for u in full_bank.units})
     polished, st = polish(loaded.model, plan, calib, TrainSettings(steps=10, batch=4), init=tensors)
     assert set(polished) == set(tensors)
     blocks = st["blocks"]
     assert all(b["after"] <= b["before"] + 1e-12 for b in blocks) and any(b["after"] < b["before"] for b in blocks)
     # it started from the bank's weights: step 0 is (about) the bank's error on the quantized stream, far
     # below round-to-nearest from the full-precision weights
-    assert blocks[0]["before"] < full_bank.get(full_bank.units[0].name, "w3g64").rtn_error
+    assert blocks[0]["before"] < full_bank.get(full_bank.units[0].name, "w2g32").rtn_error
 
 
 def test_trial_needing_a_stopped_candidate_is_pruned_or_finishes_it(raced, loaded):
