@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from aqsearch.capture import Activations
-from aqsearch.config import Plan, QuantScheme
+from aqsearch.config import QuantScheme
 from aqsearch.curves import QUANTILES, CurveRegressor
 from aqsearch.data import TokenSet
 from aqsearch.errors import AqError
@@ -432,54 +432,4 @@ def _restrict(space: Space, schemes: tuple[str, ...]) -> Space:
     return replace(space, units=units, layers=tuple(l for l in space.layers if l.block >= 0))
 
 
-def compose(bank: Bank, choice: dict[str, str], finish: bool = True) -> tuple[Plan, dict[str, QTensor]]:
-    """The one plan builder: a scheme per unit -> (plan, trained tensors of its candidates).
-
-    A stopped candidate is finished first (``finish=True``) or refused; never used half-trained.
-    """
-    layers: dict[str, str | None] = {}
-    tensors: dict[str, QTensor] = {}
-    for u in bank.units:
-        s = choice.get(u.name)
-        if s is None:
-            raise AqError(f"the choice gives no scheme for unit {u.name}")
-        c = bank.get(u.name, s)
-        if c is None:
-            raise AqError(f"candidate {u.name} {s} is not in the bank")
-        if not c.finished:
-            if not finish:
-                raise AqError(f"candidate {u.name} {s} was stopped by the race")
-            c = bank.finish(u.name, s)
-        layers.update(dict.fromkeys(u.layers, s))
-        tensors.update(bank.tensors(c))
-    return Plan.from_layers(layers), tensors
-
-
-def knapsack_choice(bank: Bank, budget: int, quantum: int = 4096) -> dict[str, str] | None:
-    """Least summed error (trained where finished, median prediction where stopped) within ``budget``
-    bytes (:func:`aqsearch.knapsack.solve`); ``None`` when nothing fits."""
-    from aqsearch.knapsack import solve
-
-    menus = [bank.menu(u) for u in bank.units]
-    picks = solve([[(c.error, c.bytes) for c in m] for m in menus], budget, quantum)
-    return None if picks is None else {u.name: m[j].scheme for u, m, j in zip(bank.units, menus, picks)}
-
-
-def stored_tensors(bank_dir: str | os.PathLike, pairs) -> dict[str, QTensor]:
-    """Trained tensors of finished candidates ``[(unit, scheme), ...]`` read from a bank's folder alone."""
-    from aqsearch.weights import load_qtensors
-
-    out: dict[str, QTensor] = {}
-    for unit, scheme in pairs:
-        p = Path(bank_dir) / f"{unit}.{scheme}.json"
-        if not p.exists():
-            raise AqError(f"bank {bank_dir} has no candidate {unit} {scheme}")
-        c = json.loads(p.read_text())
-        if c["status"] != "finished":
-            raise AqError(f"bank candidate {unit} {scheme} was stopped by the race and never finished")
-        if c.get("weights"):
-            out.update(load_qtensors(Path(bank_dir) / c["weights"]))
-    return out
-
-
-__all__ = ["stored_tensors", "MENU", "Bank", "BankSettings", "Candidate", "FpStream", "compose", "dominated", "knapsack_choice"]
+__all__ = ["MENU", "Bank", "BankSettings", "Candidate", "FpStream", "dominated"]

@@ -103,7 +103,8 @@ def _table(points: list[dict]) -> str:
 
 
 def cmd_front(args) -> int:
-    from aqsearch.search import check_plot, pareto_front, plot_front
+    from aqsearch.plots import check_plot, plot_front
+    from aqsearch.search import pareto_front
 
     check_storage(args.storage, create=False)
     if args.plot:

@@ -46,7 +46,8 @@ def run_job(loaded, budget: str, workdir: str | os.PathLike = "aqsearch-run", tr
     from aqsearch.artifact import write_artifact
     from aqsearch.curves import default_regressor
     from aqsearch.polish import polish
-    from aqsearch.search import SearchSettings, build_space, pareto_front, pick, plot_front, run_study, study_bank, with_menu
+    from aqsearch.plots import plot_front
+    from aqsearch.search import SearchSettings, build_space, pareto_front, pick, run_study, study_bank, with_menu
     from aqsearch.training import TrainSettings
     from aqsearch.weights import trained_weight_fn
 

@@ -153,7 +153,7 @@ class Objective:
                                                       f"trial {beaten_by[0]}")
                 raise optuna.TrialPruned(f"dominated by trial {beaten_by[0]}")
             trial.set_user_attr("finished_candidates", [[c.unit, c.scheme] for c in stopped])
-        from aqsearch.bank import compose
+        from aqsearch.compose import compose
 
         _, tensors = compose(bank, {u.name: params[u.name] for u in bank.units})  # finishes stopped ones
         trial.set_user_attr("trained_units", [[c.unit, c.scheme] for c in cands])
@@ -203,7 +203,7 @@ def knapsack_starts(space: Space, bank, limit: int, n: int, budgets: tuple[int, 
     """The knapsack allocation over the bank's errors (:func:`aqsearch.bank.knapsack_choice`) at exactly
     ``budgets`` (bytes), else at ``n`` budgets spread evenly from just above the space's smallest size to
     ``limit``: the baseline the search has to beat, so its starting point."""
-    from aqsearch.bank import knapsack_choice
+    from aqsearch.compose import knapsack_choice
 
     low = space.bytes(space.extreme(smallest=True))
     if not budgets:
@@ -385,7 +385,7 @@ def pick(storage: str, study_name: str, budget: str | Budget) -> tuple[Plan, dic
     plan = Plan.from_layers(json.loads(t.user_attrs["plan"]))
     tensors = {}
     if t.user_attrs.get("trained_units"):
-        from aqsearch.bank import stored_tensors
+        from aqsearch.compose import stored_tensors
 
         if "bank" not in study.user_attrs:
             raise AqError(f"trial {t.number} was trained, but study {study_name!r} names no bank")
@@ -415,50 +415,3 @@ def hypervolume_history(storage: str, study_name: str) -> list[float]:
         if t.state in FINISHED:
             out.append(hypervolume(pts, limit))
     return out
-
-
-def check_plot(path: str, force: bool = False) -> None:
-    """Before any work: an image format matplotlib writes, a path that takes it (see ``check_output``)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    from aqsearch.io import check_output
-
-    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if ext not in formats:
-        raise AqError(f"--plot: cannot write a .{ext} image (use one of {', '.join(sorted(formats))})")
-    check_output(path, "--plot", force)
-
-
-def plot_front(storage: str, study_name: str, path: str) -> None:
-    """Front (and every trial, faint) as KL against MiB, warm starts labelled; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from aqsearch.io import atomic_path
-
-    study = load_study(storage, study_name)
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    front = pareto_front(storage, study_name)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([t.values[1] / 2**20 for t in done], [t.values[0] for t in done], s=8, c="0.75", label="trials")
-    ax.plot([p["bytes"] / 2**20 for p in front], [p["kl_mean"] for p in front], "o-", c="C0", ms=4, label="Pareto front")
-    for t in done:
-        w = t.user_attrs.get("warm_start", "")
-        if w.startswith(("uniform", "plan")):
-            ax.annotate(w.split()[-1], (t.values[1] / 2**20, t.values[0]), fontsize=6, color="C3")
-    limit = study.user_attrs.get("aqsearch", {}).get("budget_bytes")
-    if limit:
-        ax.axvline(limit / 2**20, ls="--", c="C3", lw=0.8, label="budget")
-    ax.set_xlabel("bytes of the governed layers (MiB)")
-    ax.set_ylabel("held-out KL (nats/token)")
-    ax.set_yscale("log")
-    ax.set_title(f"study {study_name}: {len(done)} trials")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
-    plt.close(fig)
-

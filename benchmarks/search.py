@@ -151,7 +151,8 @@ def _eval_setup(args, test: bool):
 def cmd_knapsack(args) -> None:
     """Knapsack plans at three budgets, scored like the study's trials, against the study's front."""
     from aqsearch.data import calib_eval_sets
-    from aqsearch.bank import Bank, BankSettings, knapsack_choice
+    from aqsearch.bank import Bank, BankSettings
+    from aqsearch.compose import knapsack_choice
     from aqsearch.io import cache_dir
     from aqsearch.quality import evaluate
     from aqsearch.search import load_study, pareto_front

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from aqsearch.bank import Bank, BankSettings, compose, knapsack_choice
+from aqsearch.bank import Bank, BankSettings
+from aqsearch.compose import compose, knapsack_choice
 from aqsearch.bankbuild import build_bank, write_spec
 from aqsearch.curves import CurveRegressor
 from aqsearch.data import TokenSet
