@@ -13,7 +13,7 @@ fp16 and every candidate of each bit width are timed the same way: CUDA-graph re
 weight copies holding more than 3x the L2, so no call reads the previous one's weights from cache
 (FIELD-NOTES); each candidate's output is checked against the torch reference (rel. err., fp32 with
 TF32 off); a candidate that fails to compile or run, or whose error exceeds 1e-2, is skipped. (3) The
-winner of each (bits, shape, M bucket) goes to ``tuned.py`` / ``tuned.json`` (``kernels/_tuned.py``'s
+winner of each (bits, shape, M bucket) goes to ``tuned.py`` / ``tuned.json`` (``aqsearch/kernels/_tuned.py``'s
 format) and to the tuner's disk cache, so (4) ``benchmarks/decode.py --llama8b`` (run as its own
 process, same folder) decodes without measuring again. Records (``kernels.jsonl``, ``decode.jsonl``)
 are flushed one by one with settings, machine and versions; a summary table is printed last.
@@ -258,7 +258,7 @@ def run(args, rec) -> tuple[list[dict], dict]:
 
 
 def write_table(out_dir: str, table: dict) -> None:
-    """``tuned.json`` and ``tuned.py`` (``kernels/_tuned.py``'s format) for this GPU, and the tuner's
+    """``tuned.json`` and ``tuned.py`` (``aqsearch/kernels/_tuned.py``'s format) for this GPU, and the tuner's
     disk cache (``$AQSEARCH_CACHE``), so later processes on this machine use the measured choices."""
     from aqsearch.kernels import dispatch
 
