@@ -4,6 +4,7 @@ kill -9 during a build, the one plan builder and the knapsack over the bank."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,13 +12,13 @@ import time
 import pytest
 import torch
 
-from aqsearch.bank import Bank, BankSettings
+from aqsearch.bank import Bank, BankSettings, _stale
 from aqsearch.compose import compose, knapsack_choice
 from aqsearch.bankbuild import build_bank, write_spec
 from aqsearch.curves import CurveRegressor
 from aqsearch.data import TokenSet
 from aqsearch.memory import plan_bytes
-from aqsearch.models import load_model
+from aqsearch.models import decoder_blocks, load_model
 from aqsearch.training import Curve
 
 # w2g32f has the codes (so the error) of w2g32 at the bytes of w3g256, which is far better: above the
@@ -93,18 +94,25 @@ def test_kill_9_during_build_then_resume_loses_no_finished_candidate(loaded, cal
     s = settings(schemes=("w4g64", "w3g64", "w2g64"), steps=8, race=False)
     bank = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, s)
     spec = write_spec(bank, str(tiny_dir), race=False, device="cpu")
+    # This process holds the last block's claim, so the worker cannot finish the bank however fast it
+    # trains: it builds the other blocks, then waits for that claim (the kill comes at a known state).
+    last = bank._claim_path(len(decoder_blocks(loaded.model)) - 1)
+    assert bank._claim(len(decoder_blocks(loaded.model)) - 1)
     p = subprocess.Popen([sys.executable, "-m", "aqsearch.bankbuild", str(spec)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(bank.dir.glob("model.*.json")):
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     before = {f.name: f.read_text() for f in bank.dir.glob("model.*.json")}
     assert before, "the worker finished no candidate before the kill"
     assert not bank.complete()
+    # the claim is now a dead worker's (the killed pid on this host): it must be taken over, not waited on
+    last.write_text(json.dumps({"host": socket.gethostname(), "pid": p.pid, "worker": "killed"}))
+    assert _stale(last)
     again = Bank(tmp_path, loaded.model, loaded.fingerprint, calib, s)
-    again.build()  # the dead worker's claim is taken over
+    again.build()
     assert again.complete()
     for name, text in before.items():
         assert (bank.dir / name).read_text() == text  # kept, not trained again
