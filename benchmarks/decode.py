@@ -17,7 +17,7 @@ greedy tokens' agreement between them, and the bytes.
 speed does not depend on the values), fp16 on the GPU; fp16 is timed once at each batch size, then
 each scheme of ``--schemes`` is materialized from it and timed the same way, in the same process.
 Kernel configs come from the tuner's disk cache (``$AQSEARCH_CACHE``, written by
-``benchmarks/kernels.py``); whatever is not there is measured during the warm-up, before capture.
+``benchmarks/matmul.py``); whatever is not there is measured during the warm-up, before capture.
 The prompt is prefilled one token at a time, so every matmul has M = batch.
 """
 

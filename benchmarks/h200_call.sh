@@ -3,7 +3,7 @@
 # kernel tests run, then the kernel benchmark. Logs and JSON lines go to $OUT (they come back); a table
 # is printed last. The full grid needs about 6 minutes on a started machine (2-3 compiling, 2-3
 # measuring): 240 s was too little in the last run, which stopped after three of the four shapes.
-#   bash benchmarks/h200_call.sh [quick|full|bench] [extra args for benchmarks/kernels.py]
+#   bash benchmarks/h200_call.sh [quick|full|bench] [extra args for benchmarks/matmul.py]
 cd "$(dirname "$0")/.."
 MODE=${1:-full}; shift || true
 OUT=${OUT:-/tmp/aq_out}; mkdir -p "$OUT"
@@ -20,7 +20,7 @@ if [ "$MODE" != "bench" ]; then
     -p no:cacheprovider -k "not every_candidate and not symmetric_large" >"$OUT/pytest.log" 2>&1 &
   PYT=$!
 fi
-timeout 300 python3 benchmarks/kernels.py $ARGS --workers 12 --precompile-only "$@" 2>"$OUT/precompile.log"
+timeout 300 python3 benchmarks/matmul.py $ARGS --workers 12 --precompile-only "$@" 2>"$OUT/precompile.log"
 if [ -n "$PYT" ]; then wait $PYT; echo "pytest rc=$?"; tail -3 "$OUT/pytest.log"; fi
-timeout 300 python3 benchmarks/kernels.py $ARGS "$@" 2>"$OUT/bench.log" >"$OUT/summary.txt"
+timeout 300 python3 benchmarks/matmul.py $ARGS "$@" 2>"$OUT/bench.log" >"$OUT/summary.txt"
 echo "bench rc=$?"; grep -v "^warm" "$OUT/bench.log" | tail -2; head -70 "$OUT/summary.txt"

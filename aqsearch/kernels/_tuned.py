@@ -1,4 +1,4 @@
-"""Kernel choices measured on GPUs by ``benchmarks/kernels.py --all``: GPU name -> tuner key ->
+"""Kernel choices measured on GPUs by ``benchmarks/matmul.py --all``: GPU name -> tuner key ->
 config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner's time in us.
 
 The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``).

@@ -1,7 +1,7 @@
 """Pick a kernel and config for a quantized matmul, by measurement, and remember the choice.
 
 The crossover between paths moves with the shape and the GPU, so the tuner measures it per problem;
-``benchmarks/kernels.py --all`` measures every candidate on the GPU and writes the winners as a table.
+``benchmarks/matmul.py --all`` measures every candidate on the GPU and writes the winners as a table.
 
 Paths: ``gemv`` (M <= 4, CUDA cores, split-K), ``gemm`` (``tl.dot``, two K loops: ``packed`` loads
 each word once with swapped operands, the gather loop reads words per row of the tile),

@@ -2,10 +2,10 @@
 
 One command measures everything and writes into one folder (``--out DIR``):
 
-    python benchmarks/kernels.py --all --out $OUT          # ~7 min on an H200: compile, measure, decode
-    python benchmarks/kernels.py --out $OUT --shapes 8192x8192 --ms 1 --bits 4   # a slice of the grid
-    python benchmarks/kernels.py --dry-run --out /tmp/k     # CPU interpreter, tiny shapes: the script runs
-    python benchmarks/kernels.py --table DIR/kernels.jsonl  # markdown tables from a results file
+    python benchmarks/matmul.py --all --out $OUT          # ~7 min on an H200: compile, measure, decode
+    python benchmarks/matmul.py --out $OUT --shapes 8192x8192 --ms 1 --bits 4   # a slice of the grid
+    python benchmarks/matmul.py --dry-run --out /tmp/k     # CPU interpreter, tiny shapes: the script runs
+    python benchmarks/matmul.py --table DIR/kernels.jsonl  # markdown tables from a results file
 
 Phases: (1) every candidate config of the grid (``dispatch.candidates``) is compiled in parallel
 processes (Triton's disk cache, then shared); (2) copy bandwidth; for each (K, N) shape and M, cuBLAS
@@ -267,7 +267,7 @@ def write_table(out_dir: str, table: dict) -> None:
         json.dump({gpu: table}, f, indent=1, sort_keys=True)
     lines = [f"        {k!r}: {table[k]!r}," for k in sorted(table)]
     with open(os.path.join(out_dir, "tuned.py"), "w") as f:
-        f.write('"""Kernel choices measured on GPUs by ``benchmarks/kernels.py --all``: GPU name -> tuner key ->\n'
+        f.write('"""Kernel choices measured on GPUs by ``benchmarks/matmul.py --all``: GPU name -> tuner key ->\n'
                 'config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner\'s time in us."""\n\n'
                 "TUNED: dict[str, dict[str, dict]] = {\n" + f"    {gpu!r}: {{\n" + "\n".join(lines) + "\n    },\n}\n")
     if torch.cuda.is_available():
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
         args.shapes = args.shapes or "256x128,128x96"
         args.ms, args.workers = "1,8,64", min(args.workers, 2)
     elif not torch.cuda.is_available():
-        log("benchmarks/kernels.py needs a CUDA GPU (or --dry-run)")
+        log("benchmarks/matmul.py needs a CUDA GPU (or --dry-run)")
         return 2
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ",".join(f"{k}x{n}" for k, n in SHAPES)).split(",")]
     args.bits, args.groups = [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")]
