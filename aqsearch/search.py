@@ -308,7 +308,7 @@ def run_study(loaded, budget: str | Budget, trials: int, storage: str, study_nam
             if not running:
                 break
             # running trials: another worker's, or a dead one's that turns stale after the grace period
-            deadline = deadline or time.time() + 3 * heartbeat + 10
+            deadline = deadline or time.time() + 3 * heartbeat + 2
             if time.time() > deadline:
                 # A worker killed between taking a trial (RUNNING) and its first heartbeat leaves a trial
                 # Optuna never calls stale. Give each such trial one heartbeat: a live worker's goes on

@@ -32,7 +32,7 @@ def test_smollm2_end_to_end(smol):
     assert len(layers) == 30 * 7 and smol.model.config.hidden_size == 576
     wiki = WIKI_TEST.exists()
     _, ev = calib_eval_sets(smol, str(WIKI_VALID) if wiki else None, str(WIKI_TEST) if wiki else None,
-                            eval_tokens=1024, seqlen=256)
+                            eval_tokens=512, seqlen=256)
     ref = build_reference(smol.model, ev)
     assert 3 < ref.ppl < 200
     kls = {}
