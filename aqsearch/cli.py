@@ -240,6 +240,12 @@ def _join_dash_values(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]
     return out
 
 
+# Packages of the optional extras (pyproject.toml): a command that needs one that is not installed says
+# which extra to install, in one line, instead of an ImportError's traceback.
+EXTRAS = {"optuna": "search", "optuna_dashboard": "search", "sklearn": "search", "pandas": "search",
+          "matplotlib": "search", "plotly": "search", "triton": "kernels"}
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
@@ -248,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except AqError as e:
         print(f"aqsearch: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise  # a module of aqsearch itself, or a required dependency: a bug or a broken install
+        print(f"aqsearch: error: this command needs {top}: pip install 'aqsearch[{EXTRAS[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"aqsearch: interrupted after {time.time() - t0:.0f} s", file=sys.stderr)

@@ -14,11 +14,13 @@ creates a storage file; searching into one creates its folder.
 from __future__ import annotations
 
 from pathlib import Path
-
-import optuna
+from typing import TYPE_CHECKING
 
 from aqsearch.errors import AqError
 from aqsearch.io import check_output
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def storage_file(url: str):
@@ -43,6 +45,8 @@ def safe_url(url: str) -> str:
 
 def make_storage(url: str, heartbeat: int = 30):
     """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials."""
+    import optuna  # here, not at the top: the CLI's other commands run without the search extra
+
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -71,6 +75,8 @@ def make_storage(url: str, heartbeat: int = 30):
 
 
 def load_study(storage: str, name: str) -> optuna.Study:
+    import optuna
+
     try:
         return optuna.load_study(study_name=name, storage=make_storage(storage))
     except KeyError:

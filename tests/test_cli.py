@@ -72,6 +72,24 @@ def test_console_script_exit_status():
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
 
 
+def without_search_extra(*argv: str) -> subprocess.CompletedProcess:
+    """``aqsearch ARGV`` in a process where the search extra (Optuna) is not installed."""
+    code = "import sys; sys.modules['optuna'] = None; from aqsearch.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+
+
+def test_commands_run_without_the_search_extra(tiny_dir, text_file, other_text_file, tmp_path):
+    """eval needs no Optuna; search says in one line which extra it needs (it once failed on import for all)."""
+    p = without_search_extra("eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(text_file),
+                             "--calib-data", str(other_text_file), "--eval-tokens", "64", "--seqlen", "32", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["kl_mean"] > 0
+    p = without_search_extra("search", "--model", str(tiny_dir), "--storage", f"sqlite:///{tmp_path}/s.db",
+                             "--study", "s", "--budget", "4bpw", "--trials", "2", "--calib-data", str(text_file))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "aqsearch: error: this command needs optuna: pip install 'aqsearch[search]'"
+
+
 def test_main_job_end_to_end(capsys, tiny_dir, tmp_path):
     from aqsearch.search import load_study
 
