@@ -55,7 +55,7 @@ def windows(path: Path, tok, seqlen: int, n: int | None, spread: bool):
     return TokenSet.from_ids(ids, seqlen, n, path.name, spread=spread)
 
 
-def pick_and_polish(loaded, storage, study, sizes, calib, ref, ts, bs) -> list[dict]:
+def pick_and_polish(loaded, storage, study, sizes, calib, ref, ts, bs, from_bank: bool = False) -> list[dict]:
     from aqsearch.polish import polish
     from aqsearch.quality import evaluate
     from aqsearch.search import pick
@@ -65,7 +65,8 @@ def pick_and_polish(loaded, storage, study, sizes, calib, ref, ts, bs) -> list[d
     for name, limit in sizes.items():
         plan, point, tensors = pick(storage, study, limit)
         t0 = time.time()
-        polished, st = polish(loaded.model, plan, calib, ts, init=tensors, desc=f"polishing at {name}")
+        init = tensors if from_bank else None  # from the model's weights by default: benchmarks/compose_gap.py
+        polished, st = polish(loaded.model, plan, calib, ts, init=init, desc=f"polishing at {name}")
         t_pol = time.time() - t0
         m = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(polished), batch_size=bs)
         m0 = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(tensors), batch_size=bs)
@@ -97,6 +98,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(DATA), help="folder with the two WikiText-2 files")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "bank-work"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bank.jsonl"))
+    ap.add_argument("--polish-from", choices=("fp", "bank"), default="fp",
+                    help="start the polish from the model's weights (fp) or the bank's trained weights (bank)")
     args = ap.parse_args()
 
     import torch
@@ -155,7 +158,7 @@ def main() -> int:
     stage["reference"] = time.time() - t0
     ts = TrainSettings(steps=polish_steps, batch=8)
     t0 = time.time()
-    rows = pick_and_polish(loaded, storage, study, sizes, calib, ref, ts, bs)
+    rows = pick_and_polish(loaded, storage, study, sizes, calib, ref, ts, bs, args.polish_from == "bank")
     stage["polish_and_eval"] = time.time() - t0
     for r in rows:
         r["kl_uniform_rtn"] = evaluate(loaded.model, ref, Plan.uniform(r["size"]), batch_size=bs).kl_mean
@@ -167,7 +170,8 @@ def main() -> int:
     stage["pipeline"] = time.time() - t["start"]
     rec = {"bench": "bank", "mode": "full" if full else "small", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "machine": versions(), "settings": {**asdict(bset), "windows": n_win, "seqlen": seqlen, "trials": trials,
-                                               "polish_steps": polish_steps, "test_windows": len(test.windows)},
+                                               "polish_steps": polish_steps, "test_windows": len(test.windows),
+                                               "polish_from": args.polish_from},
            "stage_seconds": stage, "bank": bstats, "rows": rows, "study": study, "storage": storage}
     if args.compare_full:
         t0 = time.time()
@@ -177,7 +181,7 @@ def main() -> int:
         stage["finish_stopped"] = time.time() - t0
         study_full = study + "-fullbank"
         run_study(loaded, max(sizes.values()), trials, storage, study_full, settings, None, device, bank=bank, score=score)
-        full_rows = pick_and_polish(loaded, storage, study_full, sizes, calib, ref, ts, bs)
+        full_rows = pick_and_polish(loaded, storage, study_full, sizes, calib, ref, ts, bs, args.polish_from == "bank")
         rec["full_bank_rows"] = full_rows
         rec["racing_kl_ratio"] = {a["size"]: a["kl"] / b["kl"] for a, b in zip(rows, full_rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,24 @@ def trainer_table() -> str:
     return "\n".join(lines)
 
 
+def compose_gap_table() -> str:
+    """benchmarks/compose_gap.py: one row per (machine, scheme, settings), the newest."""
+    recs = _latest(read_results(RESULTS / "compose_gap.jsonl"),
+                   lambda r: (r["env"]["machine"], r["scheme"], tuple(sorted((k, str(v)) for k, v in r["settings"].items()))))
+    cols = ("rtn", "bank", "polish_from_bank", "polish_from_fp", "trainer")
+    lines = ["| machine | scheme | calibration | steps (polish) | test tokens | RTN | bank composed | polish from bank | "
+             "polish from model | trainer |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r["scheme"])):
+        st = r["settings"]
+        kl = " | ".join(f"{r['rows'][c]['kl_mean']:.4f}" for c in cols)
+        lines.append(f"| {r['env']['machine']} | {r['scheme']} | {st['windows']}x{st['seqlen']} | {st['steps']} "
+                     f"({st['polish_steps']}) | {st['test_tokens']:,} | {kl} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
-                                        "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table}
+                                        "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
+                                        "compose_gap": compose_gap_table}
 
 
 def render(text: str) -> str:

@@ -1,0 +1,103 @@
+"""Where the bank loses the trainer's quality, on one uniform scheme (a diagnostic for the bank's picks).
+
+The bank trains every (block, scheme) candidate on the full-precision stream; a plan composes them, and
+the pick is polished from them. This measures, for one scheme everywhere, on the whole WikiText-2 test set:
+
+- ``rtn``: round-to-nearest;
+- ``bank``: the bank's candidates composed (trained on the full-precision stream, no retraining);
+- ``polish_from_bank``: polished from the bank's weights (``polish(init=...)``, as ``pick`` does), N steps;
+- ``polish_from_fp``: polished from the model's own weights (the trainer on the plan), N steps;
+- ``trainer``: the trainer on the plan, the bank's steps (the uniform rows of the README's trainer table).
+
+    python benchmarks/compose_gap.py --scheme w3g64                    # GPU: 128x2048 windows, 200 steps
+    python benchmarks/compose_gap.py --scheme w3g64 --small            # CPU: minutes
+
+Appends one JSON line to ``benchmarks/results/compose_gap.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scheme", default="w3g64")
+    ap.add_argument("--small", action="store_true", help="CPU settings: 16x128 windows, 20 steps, 8x256 test tokens")
+    ap.add_argument("--steps", type=int, default=None, help="the bank's and the trainer's steps (200; small 20)")
+    ap.add_argument("--polish-steps", type=int, default=None, help="the pick's polish (50, as benchmarks/bank.py; small 5)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--out", default=str(HERE / "results" / "compose_gap.jsonl"))
+    args = ap.parse_args()
+
+    import torch
+
+    from aqsearch.bank import Bank, BankSettings
+    from aqsearch.bench import append_result
+    from aqsearch.compose import compose
+    from aqsearch.config import Plan
+    from aqsearch.data import TokenSet, file_ids
+    from aqsearch.models import load_model
+    from aqsearch.polish import polish
+    from aqsearch.quality import build_reference, evaluate
+    from aqsearch.training import TrainSettings
+    from aqsearch.weights import trained_weight_fn
+
+    small = args.small
+    steps = args.steps or (20 if small else 200)
+    pol = args.polish_steps or (5 if small else 50)
+    n_win, seqlen = (16, 128) if small else (128, 2048)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    bs = 8 if device == "cuda" else 1
+    loaded = load_model(args.model, device=device)
+    tok, data = loaded.tokenizer, Path(args.data_dir)
+    ids = file_ids(str(data / "wikitext-2-valid.tokens.txt"), tok)
+    calib = TokenSet.from_ids(ids, seqlen, n_win, "wikitext-2-valid", spread=True)
+    tids = file_ids(str(data / "wikitext-2-raw-test.txt"), tok)
+    tlen = 256 if small else 2048
+    test = TokenSet.from_ids(tids, tlen, 8 if small else tids.numel() // tlen, "wikitext-2-test", spread=False)
+    ref = build_reference(loaded.model, test, batch_size=bs)
+    plan = Plan.uniform(args.scheme)
+    rows, secs = {}, {}
+
+    def score(name, tensors=None):
+        kw = {"weight_fn": trained_weight_fn(tensors)} if tensors is not None else {}
+        m = evaluate(loaded.model, ref, plan, batch_size=bs, **kw)
+        rows[name] = {"kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "top1": m.top1, "ppl_ratio": m.ppl_ratio}
+        print(f"{name:18s} KL {m.kl_mean:.4f}  ({secs.get(name, 0):.0f} s)", file=sys.stderr, flush=True)
+
+    score("rtn")
+    bset = BankSettings(schemes=(args.scheme,), granularity="block", steps=steps, batch=8, race=False)
+    with tempfile.TemporaryDirectory() as work:
+        bank = Bank(Path(work), loaded.model, loaded.fingerprint, calib, bset)
+        t0 = time.time()
+        bank.build()
+        secs["bank"] = time.time() - t0
+        _, tensors = compose(bank, {u.name: args.scheme for u in bank.units})
+        score("bank", tensors)
+        for name, init, n in (("polish_from_bank", tensors, pol), ("polish_from_fp", None, pol), ("trainer", None, steps)):
+            t0 = time.time()
+            q, _ = polish(loaded.model, plan, calib, TrainSettings(steps=n, batch=8), init=init, desc=name)
+            secs[name] = time.time() - t0
+            score(name, q)
+    rec = {"bench": "compose_gap", "scheme": args.scheme, "small": small,
+           "settings": {"windows": n_win, "seqlen": seqlen, "steps": steps, "polish_steps": pol,
+                        "test_tokens": int(test.windows.numel()), "bank": asdict(bset)},
+           "rows": rows, "seconds": secs}
+    append_result(args.out, rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
