@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="CPU settings: 16x128 windows, 20 steps, 8x256 test tokens")
     ap.add_argument("--steps", type=int, default=None, help="the bank's and the trainer's steps (200; small 20)")
     ap.add_argument("--polish-steps", type=int, default=None, help="the pick's polish (50, as benchmarks/bank.py; small 5)")
+    ap.add_argument("--rows", default="rtn,bank,polish_from_bank,polish_from_fp,trainer",
+                    help="which rows to measure (the trainer's row is in benchmarks/results/trainer.jsonl too)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=str(HERE / "results" / "compose_gap.jsonl"))
@@ -70,6 +72,7 @@ def main() -> int:
     ref = build_reference(loaded.model, test, batch_size=bs)
     plan = Plan.uniform(args.scheme)
     rows, secs = {}, {}
+    wanted = set(args.rows.split(","))
 
     def score(name, tensors=None):
         kw = {"weight_fn": trained_weight_fn(tensors)} if tensors is not None else {}
@@ -87,6 +90,8 @@ def main() -> int:
         _, tensors = compose(bank, {u.name: args.scheme for u in bank.units})
         score("bank", tensors)
         for name, init, n in (("polish_from_bank", tensors, pol), ("polish_from_fp", None, pol), ("trainer", None, steps)):
+            if name not in wanted:
+                continue
             t0 = time.time()
             q, _ = polish(loaded.model, plan, calib, TrainSettings(steps=n, batch=8), init=init, desc=name)
             secs[name] = time.time() - t0

@@ -177,7 +177,7 @@ def compose_gap_table() -> str:
              "polish from model | trainer |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(recs, key=lambda r: (r["env"]["machine"], r["scheme"])):
         st = r["settings"]
-        kl = " | ".join(f"{r['rows'][c]['kl_mean']:.4f}" for c in cols)
+        kl = " | ".join(f"{r['rows'][c]['kl_mean']:.4f}" if c in r["rows"] else "-" for c in cols)
         lines.append(f"| {r['env']['machine']} | {r['scheme']} | {st['windows']}x{st['seqlen']} | {st['steps']} "
                      f"({st['polish_steps']}) | {st['test_tokens']:,} | {kl} |")
     return "\n".join(lines)
