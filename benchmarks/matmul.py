@@ -85,42 +85,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-_STREAM: list = []
-
-
 def graph_time(calls, target_ms: float = 5.0) -> float:
-    """Seconds a call: ``calls`` (one per weight copy) captured in one CUDA graph and replayed; on the
-    CPU (dry run) one plain call, timed."""
+    """Seconds a call: ``calls`` (one per weight copy) captured in one CUDA graph and replayed (the
+    tuner's own timing, :func:`aqsearch.kernels.dispatch.graph_ms`); on the CPU (dry run) one plain call, timed."""
     if device() == "cpu":
         t0 = time.perf_counter()
         calls[0]()
         return time.perf_counter() - t0
-    if not _STREAM:
-        _STREAM.append(torch.cuda.Stream())  # one capture stream: the split-K workspace is per stream
-    s = _STREAM[0]
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up on the capture stream
-        for c in calls:
-            c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for c in calls:
-            c()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    e0.record()
-    g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    reps = max(3, min(200, int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    del g
-    return e0.elapsed_time(e1) * 1e-3 / (reps * len(calls))
+    from aqsearch.kernels import dispatch
+
+    return dispatch.graph_ms(calls, target_ms, reps=(3, 200)) * 1e-3
 
 
 def n_copies(size: int, l2: int) -> int:

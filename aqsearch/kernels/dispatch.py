@@ -175,35 +175,42 @@ def autotune_enabled() -> bool:
 _TUNE_STREAM: list = []
 
 
-def time_config(fn, copies: int = 1, target_ms: float = 3.0) -> float:
-    """Milliseconds a call of ``fn(i)`` (i: which weight copy) takes inside a CUDA graph that cycles
-    through ``copies`` weight copies: launch gaps and L2 reuse between calls (the weights of one call
-    are not in cache for the next) as in a captured decode step."""
+def graph_ms(calls, target_ms: float = 3.0, reps: tuple[int, int] = (2, 100)) -> float:
+    """Milliseconds a call: ``calls`` (one per weight copy) captured in one CUDA graph and replayed
+    about ``target_ms`` long (``reps`` bounds the replays), so launch gaps and L2 reuse between calls
+    (the weights of one call are not in cache for the next) are as in a captured decode step. One
+    capture stream for all: the split-K workspace is per stream. ``benchmarks/matmul.py`` times with it too."""
     if not _TUNE_STREAM:
         _TUNE_STREAM.append(torch.cuda.Stream())
     s = _TUNE_STREAM[0]
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up (compiles; the split-K workspace of this stream)
-        for i in range(copies):
-            fn(i)
+        for c in calls:
+            c()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):
-        for i in range(copies):
-            fn(i)
+        for c in calls:
+            c()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     g.replay()
     e0.record()
     g.replay()
     e1.record()
     torch.cuda.synchronize()
-    reps = max(2, min(100, int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
+    n = max(reps[0], min(reps[1], int(target_ms / max(e0.elapsed_time(e1), 1e-3))))
     e0.record()
-    for _ in range(reps):
+    for _ in range(n):
         g.replay()
     e1.record()
     torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (reps * copies)
+    del g
+    return e0.elapsed_time(e1) / (n * len(calls))
+
+
+def time_config(fn, copies: int = 1, target_ms: float = 3.0) -> float:
+    """Milliseconds a call of ``fn(i)`` (i: which weight copy), the ``copies`` cycled in one graph."""
+    return graph_ms([lambda i=i: fn(i) for i in range(copies)], target_ms)
 
 
 def choose(x, qweight, scales, zeros, bits, group, k, tune: bool | None = None) -> dict:
