@@ -13,6 +13,11 @@ bank's solution, still towards the full-precision block's outputs, now on the qu
 outputs. Step 0 of such a run is (up to the rounding of an already-quantized grid) the bank's
 weights, and the best held-out checkpoint is kept: polishing never makes a block worse there.
 
+``stream="rtn"`` feeds every block the outputs of a round-to-nearest prefix (at the plan's schemes) instead
+of the trained blocks before it: each block's training then depends on no other block's training, which
+is what a bank of independently trained candidates could use (``benchmarks/compose_gap.py``, row
+``rtn_prefix``, measures it against the bank's full-precision stream and the trainer).
+
 Each block's result goes to the journal (``polish`` records, weights in the journal's folder), so
 that a resumed run keeps the blocks already trained.
 
@@ -47,8 +52,11 @@ def polish(
     journal: Journal | None = None,
     desc: str = "training blocks",
     init: dict[str, QTensor] | None = None,
+    stream: str = "trained",
 ) -> tuple[dict[str, QTensor], dict]:
     """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas)."""
+    if stream not in ("trained", "rtn"):
+        raise ValueError(f"stream must be 'trained' or 'rtn', not {stream!r}")
     t0 = time.time()
     blocks = decoder_blocks(model)
     n = calib.windows.shape[0]
@@ -68,8 +76,9 @@ def polish(
         for i, blk in enumerate(blocks):
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
             y_fp = acts.run(blk, acts.x_fp)
-            if i in done and done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}:
-                del done[i]  # trained for other schemes (a rebalance changed the block since): train again
+            if i in done and (done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}
+                              or done[i].get("stream", "trained") != stream):
+                del done[i]  # trained for other schemes (a rebalance changed the block since) or stream: again
             if i in done:
                 q = journal.load_block_weights(done[i].get("trained"))
                 stats["blocks"].append({k: done[i].get(k) for k in ("block", "before", "after", "steps", "stopped")})
@@ -87,7 +96,7 @@ def polish(
                                        should_stop=stop, tag=f"polish block {i}")
                 if regressor is not None and curve.stopped is None:
                     regressor.refit([curve])
-                rec = {"type": "polish", "block": i, "schemes": {k: str(v) for k, v in schemes.items()},
+                rec = {"type": "polish", "block": i, "schemes": {k: str(v) for k, v in schemes.items()}, "stream": stream,
                        "before": before - floor, "after": curve.best - floor,
                        "steps": curve.steps_run, "steps_full": settings.steps, "stopped": curve.stopped,
                        "curve": curve.to_json(), "prediction": preds[-1] if preds else None}
@@ -101,7 +110,10 @@ def polish(
                 q = {}
             for sfx, t in q.items():
                 out[f"model.layers.{i}.{sfx}"] = t
-            weights = {f"{sfx}.weight": dequantize(t).to(y_fp.device) for sfx, t in q.items()}
+            if stream == "rtn":
+                weights = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
+            else:
+                weights = {f"{sfx}.weight": dequantize(t).to(y_fp.device) for sfx, t in q.items()}
             acts.advance(blk, weights, y_fp=y_fp)
             bar.update(1)
     stats["seconds"] = time.time() - t0

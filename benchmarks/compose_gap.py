@@ -5,6 +5,9 @@ the pick is polished from them. This measures, for one scheme everywhere, on the
 
 - ``rtn``: round-to-nearest;
 - ``bank``: the bank's candidates composed (trained on the full-precision stream, no retraining);
+- ``rtn_prefix``: every block trained (the bank's steps) on the outputs of a round-to-nearest prefix, not
+  on the trained blocks before it, then composed: what a bank whose candidates are trained independently on
+  a quantized prefix, instead of the full-precision stream, would give;
 - ``polish_from_bank``: polished from the bank's weights (``polish(init=...)``, as ``pick`` does), N steps;
 - ``polish_from_fp``: polished from the model's own weights (the trainer on the plan), N steps;
 - ``trainer``: the trainer on the plan, the bank's steps (the uniform rows of the README's trainer table).
@@ -34,7 +37,7 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="CPU settings: 16x128 windows, 20 steps, 8x256 test tokens")
     ap.add_argument("--steps", type=int, default=None, help="the bank's and the trainer's steps (200; small 20)")
     ap.add_argument("--polish-steps", type=int, default=None, help="the pick's polish (50, as benchmarks/bank.py; small 5)")
-    ap.add_argument("--rows", default="rtn,bank,polish_from_bank,polish_from_fp,trainer",
+    ap.add_argument("--rows", default="rtn,bank,rtn_prefix,polish_from_bank,polish_from_fp,trainer",
                     help="which rows to measure (the trainer's row is in benchmarks/results/trainer.jsonl too)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(DATA))
@@ -81,18 +84,26 @@ def main() -> int:
         print(f"{name:18s} KL {m.kl_mean:.4f}  ({secs.get(name, 0):.0f} s)", file=sys.stderr, flush=True)
 
     score("rtn")
+    if "rtn_prefix" in wanted:
+        t0 = time.time()
+        q, _ = polish(loaded.model, plan, calib, TrainSettings(steps=steps, batch=8), stream="rtn", desc="rtn_prefix")
+        secs["rtn_prefix"] = time.time() - t0
+        score("rtn_prefix", q)
     bset = BankSettings(schemes=(args.scheme,), granularity="block", steps=steps, batch=8, race=False)
     with tempfile.TemporaryDirectory() as work:
-        bank = Bank(Path(work), loaded.model, loaded.fingerprint, calib, bset)
-        t0 = time.time()
-        bank.build()
-        secs["bank"] = time.time() - t0
-        _, tensors = compose(bank, {u.name: args.scheme for u in bank.units})
-        score("bank", tensors)
-        for name, init, n in (("polish_from_bank", tensors, pol), ("polish_from_fp", None, pol), ("trainer", None, steps)):
+        tensors = None
+        if wanted & {"bank", "polish_from_bank"}:
+            bank = Bank(Path(work), loaded.model, loaded.fingerprint, calib, bset)
+            t0 = time.time()
+            bank.build()
+            secs["bank"] = time.time() - t0
+            _, tensors = compose(bank, {u.name: args.scheme for u in bank.units})
+            score("bank", tensors)
+        for name, n in (("polish_from_bank", pol), ("polish_from_fp", pol), ("trainer", steps)):
             if name not in wanted:
                 continue
             t0 = time.time()
+            init = tensors if name == "polish_from_bank" else None
             q, _ = polish(loaded.model, plan, calib, TrainSettings(steps=n, batch=8), init=init, desc=name)
             secs[name] = time.time() - t0
             score(name, q)

@@ -169,13 +169,18 @@ def trainer_table() -> str:
 
 
 def compose_gap_table() -> str:
-    """benchmarks/compose_gap.py: one row per (machine, scheme, settings), the newest."""
-    recs = _latest(read_results(RESULTS / "compose_gap.jsonl"),
-                   lambda r: (r["env"]["machine"], r["scheme"], tuple(sorted((k, str(v)) for k, v in r["settings"].items()))))
-    cols = ("rtn", "bank", "polish_from_bank", "polish_from_fp", "trainer")
-    lines = ["| machine | scheme | calibration | steps (polish) | test tokens | RTN | bank composed | polish from bank | "
-             "polish from model | trainer |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r["scheme"])):
+    """benchmarks/compose_gap.py: one row per (machine, scheme, settings); a run of some ``--rows`` only
+    updates those columns of the earlier runs of the same settings."""
+    key = lambda r: (r["env"]["machine"], r["scheme"], tuple(sorted((k, str(v)) for k, v in r["settings"].items())))  # noqa: E731
+    merged: dict[tuple, dict] = {}
+    for r in read_results(RESULTS / "compose_gap.jsonl"):
+        old = merged.get(key(r))
+        merged[key(r)] = {**r, "rows": {**(old["rows"] if old else {}), **r["rows"]}}
+    cols = ("rtn", "bank", "rtn_prefix", "polish_from_bank", "polish_from_fp", "trainer")
+    lines = ["| machine | scheme | calibration | steps (polish) | test tokens | RTN | bank composed | "
+             "trained on RTN prefix, composed | polish from bank | polish from model | trainer |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(merged.values(), key=lambda r: (r["env"]["machine"], r["scheme"])):
         st = r["settings"]
         kl = " | ".join(f"{r['rows'][c]['kl_mean']:.4f}" if c in r["rows"] else "-" for c in cols)
         lines.append(f"| {r['env']['machine']} | {r['scheme']} | {st['windows']}x{st['seqlen']} | {st['steps']} "

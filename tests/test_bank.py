@@ -143,6 +143,40 @@ def test_polish_starts_from_the_bank_and_improves_the_plan(full_bank, loaded, ca
     assert blocks[0]["before"] < full_bank.get(full_bank.units[0].name, "w2g32").rtn_error
 
 
+def test_polish_on_a_rtn_prefix_trains_each_block_on_round_to_nearest_inputs(loaded, calib):
+    """``stream="rtn"``: block 1 trains on block 0 at round-to-nearest, whatever block 0's training gave.
+    The reference is built by hand (capture, advance through a round-to-nearest block 0, train block 1); a
+    polish that fed block 1 the trained block 0 (the default stream) gives other codes, and so fails it."""
+    from aqsearch.capture import Activations
+    from aqsearch.config import Plan
+    from aqsearch.models import BLOCK_LINEARS
+    from aqsearch.polish import polish
+    from aqsearch.quantizers import QuantScheme, fake_quantize
+    from aqsearch.training import TrainSettings, rel_error, train_block
+
+    model, ts, s = loaded.model, TrainSettings(steps=10, batch=4), QuantScheme.parse("w2g32")
+    q_rtn, _ = polish(model, Plan.uniform(s), calib, ts, stream="rtn")
+    q_tr, _ = polish(model, Plan.uniform(s), calib, ts)
+    b0, b1 = decoder_blocks(model)[:2]
+    acts = Activations.capture(model, calib.windows, batch=ts.batch)
+    n = calib.windows.shape[0]
+    held, train_idx = torch.arange(n - round(n * 0.25), n), torch.arange(n - round(n * 0.25))
+    y0 = acts.run(b0, acts.x_fp)
+    acts.advance(b0, {f"{sfx}.weight": fake_quantize(b0.get_submodule(sfx).weight, s) for sfx in BLOCK_LINEARS}, y0)
+    y1 = acts.run(b1, acts.x_fp)
+    ref, _ = train_block(b1, {sfx: s for sfx in BLOCK_LINEARS}, acts, y1, train_idx, held, ts,
+                         floor=rel_error(acts, b1, {}, y1, held))
+    for sfx in BLOCK_LINEARS:
+        assert torch.equal(q_rtn[f"model.layers.1.{sfx}"].codes, ref[sfx].codes)
+        assert torch.equal(q_rtn[f"model.layers.1.{sfx}"].scale, ref[sfx].scale)
+    # block 0 sees the same input either way; block 1 does not
+    assert all(torch.equal(q_rtn[f"model.layers.0.{x}"].codes, q_tr[f"model.layers.0.{x}"].codes) for x in BLOCK_LINEARS)
+    assert not all(torch.equal(q_rtn[f"model.layers.1.{x}"].codes, q_tr[f"model.layers.1.{x}"].codes)
+                   for x in BLOCK_LINEARS)
+    with pytest.raises(ValueError, match="stream"):
+        polish(model, Plan.uniform(s), calib, ts, stream="fp")
+
+
 def test_trial_needing_a_stopped_candidate_is_pruned_or_finishes_it(raced, loaded):
     import optuna
 
