@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(DATA), help="folder with the two WikiText-2 files")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "bank-work"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bank.jsonl"))
+    ap.add_argument("--sizes", default=",".join(SIZES), help="uniform schemes whose bytes are the pick sizes")
     ap.add_argument("--polish-from", choices=("fp", "bank"), default="fp",
                     help="start the polish from the model's weights (fp) or the bank's trained weights (bank)")
     args = ap.parse_args()
@@ -143,7 +144,7 @@ def main() -> int:
     n_held = max(1, round(n_win * bset.heldout))
     held = calib.windows[n_win - n_held:][: max(1, (16384 if full else 1024) // seqlen)]
     score = TokenSet(held, f"{calib.source} held-out", f"{calib.hash}-held{len(held)}")
-    sizes = {s: plan_bytes(loaded.model, Plan.uniform(s)).bytes for s in SIZES}
+    sizes = {s: plan_bytes(loaded.model, Plan.uniform(s)).bytes for s in args.sizes.split(",")}
     settings = SearchSettings(granularity="block", schemes=menu, train=True, steps=steps, seed=0,
                               warm_budgets=tuple(sizes.values()), warm_uniform=True, seqlen=seqlen)
     storage = f"sqlite:///{work / 'study.db'}"
