@@ -1,6 +1,7 @@
 """Regenerate the README's tables from benchmarks/results/*.jsonl.
 
     python benchmarks/report.py          # rewrites the blocks between <!-- table:NAME --> markers
+    python benchmarks/report.py --check  # exit 1 if a table is out of date (tests/test_readme.py)
 
 Each table keeps, for every key (scheme, machine, settings), the newest record.
 """
@@ -8,6 +9,7 @@ Each table keeps, for every key (scheme, machine, settings), the newest record.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -201,9 +203,33 @@ def render(text: str) -> str:
     return text
 
 
-def main() -> None:
-    README.write_text(render(README.read_text()))
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Regenerate the README's tables from benchmarks/results/*.jsonl")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 naming the tables that are stale")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    new = render(text)
+    if args.check:
+        stale = [n for n in TABLES if _block(text, n) != _block(new, n)]
+        if stale:
+            print(f"README tables out of date with benchmarks/results: {', '.join(stale)} "
+                  "(run python benchmarks/report.py)", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        from aqsearch.io import atomic_path
+
+        with atomic_path(README) as tmp:
+            Path(tmp).write_text(new)
+    return 0
+
+
+def _block(text: str, name: str) -> str | None:
+    m = re.search(rf"<!-- table:{name} -->\n(.*?)<!-- /table:{name} -->", text, re.S)
+    return m.group(1) if m else None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
