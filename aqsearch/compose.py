@@ -40,7 +40,7 @@ def compose(bank: Bank, choice: dict[str, str], finish: bool = True) -> tuple[Pl
     return Plan.from_layers(layers), tensors
 
 
-def knapsack_choice(bank: Bank, budget: int, quantum: int = 4096) -> dict[str, str] | None:
+def knapsack_choice(bank: Bank, budget: int, quantum: int | None = None) -> dict[str, str] | None:
     """Least summed error (trained where finished, median prediction where stopped) within ``budget``
     bytes (:func:`aqsearch.knapsack.solve`); ``None`` when nothing fits."""
     from aqsearch.knapsack import solve

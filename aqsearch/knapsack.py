@@ -13,24 +13,58 @@ to add up; the search exists because they do not quite.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from aqsearch.space import Space
 
+MAX_CELLS = 1 << 19  # capacity steps of the dynamic programme (a float and an int16 per unit each)
 
-def solve(options: list[list[tuple[float, int]]], budget: int, quantum: int = 4096) -> list[int] | None:
+
+def quantum_for(options: list[list[tuple[float, int]]], budget: int, max_cells: int = MAX_CELLS) -> int:
+    """The programme's byte step: the gcd of every size (exact: no plan is lost to rounding, so a plan of
+    exactly ``budget`` bytes, such as a uniform scheme at its own size, can be chosen), or the smallest
+    multiple of it that keeps the capacity within ``max_cells`` steps."""
+    g = 0
+    for opts in options:
+        for _, nbytes in opts:
+            g = math.gcd(g, int(nbytes))
+    g = max(g, 1)
+    return g * max(1, -(-(max(budget, 0) // g) // max_cells))
+
+
+def solve(options: list[list[tuple[float, int]]], budget: int, quantum: int | None = None) -> list[int] | None:
     """Multiple-choice knapsack: one ``(error, bytes)`` option per unit, least total error within
-    ``budget`` bytes (sizes rounded up to ``quantum``, so the answer always fits). ``None`` if nothing fits."""
-    cap = budget // quantum
+    ``budget`` bytes; ``None`` if nothing fits. Sizes are counted in steps of ``quantum`` (default
+    :func:`quantum_for`: exact for a model's schemes); a step that does not divide every size rounds
+    them to the nearest step, and a choice whose true bytes exceed the budget shrinks the capacity and
+    runs again, so the answer always fits (at worst the smallest option of every unit)."""
+    q = quantum or quantum_for(options, budget)
+    steps = [[(int(nbytes) + q // 2) // q for _, nbytes in opts] for opts in options]
+    exact = all(int(nbytes) % q == 0 for opts in options for _, nbytes in opts)
+    cap = (budget + (0 if exact else len(options) * q // 2)) // q
+    while cap >= 0:
+        picks = _programme(options, steps, cap)
+        if picks is None:
+            break
+        total = sum(options[u][j][1] for u, j in enumerate(picks))
+        if total <= budget:
+            return picks
+        cap -= max(1, -(-(total - budget) // q))
+    smallest = [min(range(len(o)), key=lambda j: o[j][1]) for o in options]
+    return smallest if sum(o[j][1] for o, j in zip(options, smallest)) <= budget else None
+
+
+def _programme(options, steps, cap: int) -> list[int] | None:
     inf = np.inf
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     choice = []
-    for opts in options:
+    for opts, sz in zip(options, steps):
         new = np.full(cap + 1, inf)
         arg = np.full(cap + 1, -1, dtype=np.int16)
-        for j, (err, nbytes) in enumerate(opts):
-            c = -(-nbytes // quantum)
+        for j, ((err, _), c) in enumerate(zip(opts, sz)):
             if c > cap:
                 continue
             cand = np.full(cap + 1, inf)
@@ -46,11 +80,12 @@ def solve(options: list[list[tuple[float, int]]], budget: int, quantum: int = 40
     for u in range(len(options) - 1, -1, -1):
         j = int(choice[u][end])
         picks.append(j)
-        end -= -(-options[u][j][1] // quantum)
+        end -= steps[u][j]
     return picks[::-1]
 
 
-def knapsack_plan(space: Space, errors: dict[str, dict[str, float]], budget: int, quantum: int = 4096) -> dict[str, str] | None:
+def knapsack_plan(space: Space, errors: dict[str, dict[str, float]], budget: int,
+                  quantum: int | None = None) -> dict[str, str] | None:
     """The space's point of least summed error within ``budget``, or ``None``."""
     units = [u for u in space.units if u.name in errors]
     options = [[(errors[u.name][c], space.bytes_of_unit(u, c)) for c in u.choices] for u in units]

@@ -50,8 +50,7 @@ def rebalance(eng) -> None:
 
     blocks = sorted(eng.decided)
     menus = [[e for e in eng.decided[i]["menu"] if e["delta"] is not None] for i in blocks]
-    quantum = max(1, eng.limit // 20000)  # ~20k capacity steps; sizes round up, so the answer always fits
-    picks = solve([[(e["delta"], e["bytes"]) for e in m] for m in menus], eng.limit, quantum)
+    picks = solve([[(e["delta"], e["bytes"]) for e in m] for m in menus], eng.limit)  # always fits
     before = _total(eng)
     if picks is None:
         picks = [min(range(len(m)), key=lambda j: m[j]["bytes"]) for m in menus]
