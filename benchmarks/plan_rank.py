@@ -118,7 +118,8 @@ def main() -> int:
             print(f"{name:10s} {counts} {nbytes:,} B  bank summed error {summed:.4f}  composed KL {composed:.4f}  "
                   f"polished KL {polished:.4f}", file=sys.stderr, flush=True)
             append_result(args.out, {"bench": "plan_rank", "run": run_id, "small": small, "settings": settings,
-                                     "plan": name, "blocks": counts, "bytes": nbytes, "bank_error_sum": summed,
+                                     "plan": name, "blocks": counts,
+                                     "changed": {s: [i for i, u in enumerate(names) if choice[u] == s] for s in (big, low)}, "bytes": nbytes, "bank_error_sum": summed,
                                      "kl_composed": composed, "kl_polished": polished,
                                      "seconds": {"bank": bank_s, "polish": pol_s}})
     return 0

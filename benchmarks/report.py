@@ -190,9 +190,39 @@ def compose_gap_table() -> str:
     return "\n".join(lines)
 
 
+def _spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+
+    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def plan_rank_table() -> str:
+    """benchmarks/plan_rank.py: every plan of every run in the order measured, then per run the rank
+    correlation (Spearman) of each bank number with the polished KL."""
+    recs = read_results(RESULTS / "plan_rank.jsonl")
+    lines = ["| machine | run | calibration, steps (polish), test tokens | plan | blocks (large/middle/small) | bytes | "
+             "bank summed error | KL composed | KL polished |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+    runs: dict[tuple, list[dict]] = {}
+    for r in recs:
+        n = "/".join(str(v) for v in r["blocks"].values())
+        st = r["settings"]
+        how = f"{st['windows']}x{st['seqlen']}, {st['steps']} ({st['polish_steps']}), {st['test_tokens']:,}"
+        lines.append(f"| {r['env']['machine']} | {r['run']} | {how} | {r['plan']} | {n} | {r['bytes']:,} | "
+                     f"{r['bank_error_sum']:.4f} | {r['kl_composed']:.4f} | {r['kl_polished']:.4f} |")
+        runs.setdefault((r["env"]["machine"], r["run"]), []).append(r)
+    lines += ["", "| machine | run | plans | Spearman: bank summed error vs polished KL | KL composed vs polished KL |",
+              "|---|---|---:|---:|---:|"]
+    for (machine, run), rs in runs.items():
+        pol = [r["kl_polished"] for r in rs]
+        lines.append(f"| {machine} | {run} | {len(rs)} | {_spearman([r['bank_error_sum'] for r in rs], pol):.2f} | "
+                     f"{_spearman([r['kl_composed'] for r in rs], pol):.2f} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
-                                        "compose_gap": compose_gap_table}
+                                        "compose_gap": compose_gap_table, "plan_rank": plan_rank_table}
 
 
 def render(text: str) -> str:
