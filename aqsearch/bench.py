@@ -51,3 +51,35 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wikitext_setup(model: str, data_dir: str | os.PathLike, small: bool, steps: int | None = None,
+                   polish_steps: int | None = None):
+    """The diagnostics' common start (``benchmarks/compose_gap.py``, ``benchmarks/plan_rank.py``): the model on
+    the GPU if there is one (TF32 off), calibration windows of WikiText-2 validation (128x2048; small: 16x128),
+    the test set's reference (all of it in 2048-token windows; small: 8x256), and the steps (200 / 50 polish;
+    small 20 / 5). Returns a namespace: loaded, calib, test, ref, device, bs, steps, pol, n_win, seqlen."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from aqsearch.data import TokenSet, file_ids
+    from aqsearch.models import load_model
+    from aqsearch.quality import build_reference
+
+    n_win, seqlen = (16, 128) if small else (128, 2048)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    bs = 8 if device == "cuda" else 1
+    loaded = load_model(model, device=device)
+    tok, data = loaded.tokenizer, Path(data_dir)
+    calib = TokenSet.from_ids(file_ids(str(data / "wikitext-2-valid.tokens.txt"), tok), seqlen, n_win,
+                              "wikitext-2-valid", spread=True)
+    tids = file_ids(str(data / "wikitext-2-raw-test.txt"), tok)
+    tlen = 256 if small else 2048
+    test = TokenSet.from_ids(tids, tlen, 8 if small else tids.numel() // tlen, "wikitext-2-test", spread=False)
+    ref = build_reference(loaded.model, test, batch_size=bs)
+    return SimpleNamespace(loaded=loaded, calib=calib, test=test, ref=ref, device=device, bs=bs, n_win=n_win,
+                           seqlen=seqlen, steps=steps or (20 if small else 200),
+                           pol=polish_steps or (5 if small else 50))

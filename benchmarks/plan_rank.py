@@ -44,38 +44,22 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "plan_rank.jsonl"))
     args = ap.parse_args()
 
-    import torch
-
     from aqsearch.bank import Bank, BankSettings
-    from aqsearch.bench import append_result
+    from aqsearch.bench import append_result, wikitext_setup
     from aqsearch.compose import compose, knapsack_choice
     from aqsearch.config import Plan
-    from aqsearch.data import TokenSet, file_ids
     from aqsearch.memory import plan_bytes
-    from aqsearch.models import load_model
     from aqsearch.polish import polish
-    from aqsearch.quality import build_reference, evaluate
+    from aqsearch.quality import evaluate
     from aqsearch.training import TrainSettings
     from aqsearch.weights import trained_weight_fn
 
     big, mid, low = args.menu.split(",")
     small = args.small
-    steps = args.steps or (20 if small else 200)
-    pol = args.polish_steps or (5 if small else 50)
-    n_win, seqlen = (16, 128) if small else (128, 2048)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    bs = 8 if device == "cuda" else 1
+    w = wikitext_setup(args.model, args.data_dir, small, args.steps, args.polish_steps)
+    loaded, calib, test, ref, bs = w.loaded, w.calib, w.test, w.ref, w.bs
+    steps, pol, n_win, seqlen = w.steps, w.pol, w.n_win, w.seqlen
     run_id = args.run or time.strftime("%Y%m%d-%H%M%S")
-    loaded = load_model(args.model, device=device)
-    tok, data = loaded.tokenizer, Path(args.data_dir)
-    calib = TokenSet.from_ids(file_ids(str(data / "wikitext-2-valid.tokens.txt"), tok), seqlen, n_win,
-                              "wikitext-2-valid", spread=True)
-    tids = file_ids(str(data / "wikitext-2-raw-test.txt"), tok)
-    tlen = 256 if small else 2048
-    test = TokenSet.from_ids(tids, tlen, 8 if small else tids.numel() // tlen, "wikitext-2-test", spread=False)
-    ref = build_reference(loaded.model, test, batch_size=bs)
     budget = plan_bytes(loaded.model, Plan.uniform(mid)).bytes
     bset = BankSettings(schemes=(big, mid, low), granularity="block", steps=steps, batch=8, race=False)
     settings = {"menu": [big, mid, low], "windows": n_win, "seqlen": seqlen, "steps": steps, "polish_steps": pol,
