@@ -19,7 +19,7 @@ import numpy as np
 
 from aqsearch.space import Space
 
-MAX_CELLS = 1 << 19  # capacity steps of the dynamic programme (a float and an int16 per unit each)
+MAX_CELLS = 1 << 19  # capacity steps of the dynamic programme (a byte per unit and step for the choices)
 
 
 def quantum_for(options: list[list[tuple[float, int]]], budget: int, max_cells: int = MAX_CELLS) -> int:
@@ -61,9 +61,10 @@ def _programme(options, steps, cap: int) -> list[int] | None:
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     choice = []
+    dtype = np.int8 if max((len(o) for o in options), default=0) < 128 else np.int16  # a unit's choice at every capacity
     for opts, sz in zip(options, steps):
         new = np.full(cap + 1, inf)
-        arg = np.full(cap + 1, -1, dtype=np.int16)
+        arg = np.full(cap + 1, -1, dtype=dtype)
         for j, ((err, _), c) in enumerate(zip(opts, sz)):
             if c > cap:
                 continue
