@@ -61,7 +61,7 @@ def _programme(options, steps, cap: int) -> list[int] | None:
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     choice = []
-    dtype = np.int8 if max((len(o) for o in options), default=0) < 128 else np.int16  # a unit's choice at every capacity
+    dtype = np.int8 if max((len(o) for o in options), default=0) < 128 else np.int16
     for opts, sz in zip(options, steps):
         new = np.full(cap + 1, inf)
         arg = np.full(cap + 1, -1, dtype=dtype)
