@@ -63,7 +63,7 @@ def wikitext_setup(model: str, data_dir: str | os.PathLike, small: bool, steps: 
 
     import torch
 
-    from aqsearch.data import TokenSet, file_ids
+    from aqsearch.data import calib_eval_sets
     from aqsearch.models import load_model
     from aqsearch.quality import build_reference
 
@@ -73,12 +73,10 @@ def wikitext_setup(model: str, data_dir: str | os.PathLike, small: bool, steps: 
         torch.backends.cuda.matmul.allow_tf32 = False
     bs = 8 if device == "cuda" else 1
     loaded = load_model(model, device=device)
-    tok, data = loaded.tokenizer, Path(data_dir)
-    calib = TokenSet.from_ids(file_ids(str(data / "wikitext-2-valid.tokens.txt"), tok), seqlen, n_win,
-                              "wikitext-2-valid", spread=True)
-    tids = file_ids(str(data / "wikitext-2-raw-test.txt"), tok)
-    tlen = 256 if small else 2048
-    test = TokenSet.from_ids(tids, tlen, 8 if small else tids.numel() // tlen, "wikitext-2-test", spread=False)
+    data = Path(data_dir)
+    calib, test = calib_eval_sets(loaded, str(data / "wikitext-2-valid.tokens.txt"), str(data / "wikitext-2-raw-test.txt"),
+                                  calib_windows=n_win, calib_seqlen=seqlen, eval_tokens=8 * 256 if small else None,
+                                  seqlen=256 if small else 2048)
     ref = build_reference(loaded.model, test, batch_size=bs)
     return SimpleNamespace(loaded=loaded, calib=calib, test=test, ref=ref, device=device, bs=bs, n_win=n_win,
                            seqlen=seqlen, steps=steps or (20 if small else 200),

@@ -191,10 +191,9 @@ def compose_gap_table() -> str:
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    import numpy as np
+    from scipy.stats import spearmanr  # scikit-learn's dependency (the search extra)
 
-    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def plan_rank_table() -> str:
@@ -225,11 +224,16 @@ TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": sear
                                         "compose_gap": compose_gap_table, "plan_rank": plan_rank_table}
 
 
+def _pattern(name: str) -> re.Pattern:
+    """The block of table ``name``: (opening marker, body, closing marker)."""
+    return re.compile(rf"(<!-- table:{name} -->\n)(.*?)(<!-- /table:{name} -->)", re.S)
+
+
 def render(text: str) -> str:
     for name, fn in TABLES.items():
-        pat = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        pat = _pattern(name)
         if pat.search(text):
-            text = pat.sub(lambda m: m.group(1) + fn() + "\n" + m.group(2), text)
+            text = pat.sub(lambda m: m.group(1) + fn() + "\n" + m.group(3), text)
     return text
 
 
@@ -257,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _block(text: str, name: str) -> str | None:
-    m = re.search(rf"<!-- table:{name} -->\n(.*?)<!-- /table:{name} -->", text, re.S)
-    return m.group(1) if m else None
+    m = _pattern(name).search(text)
+    return m.group(2) if m else None
 
 
 if __name__ == "__main__":
