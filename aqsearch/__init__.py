@@ -1,5 +1,9 @@
 """aqsearch: fit a causal LM into a memory budget with the least loss of quality.
 
+The pipeline: a :class:`Job` (everything resolved once) -> a :class:`Bank` of scored candidates -> a
+strategy (``knapsack``, ``progressive``, ``study``) returns a :class:`Plan` -> :func:`polish` -> an
+:class:`Artifact`; :func:`run` does all of it (README, "Python").
+
 >>> import aqsearch
 >>> str(aqsearch.QuantScheme.parse("w4g64"))
 'w4g64'
@@ -29,10 +33,22 @@ _LAZY = {
     "quantize": "aqsearch.quantizers",
     "dequantize": "aqsearch.quantizers",
     "fake_quantize": "aqsearch.quantizers",
-    "Engine": "aqsearch.progressive",
-    "run_study": "aqsearch.search",
-    "pareto_front": "aqsearch.search",
-    "pick": "aqsearch.search",
+    "Job": "aqsearch.job",
+    "DataConfig": "aqsearch.job",
+    "Bank": "aqsearch.bank",
+    "BankConfig": "aqsearch.bank",
+    "build_plan": "aqsearch.bank",
+    "knapsack": "aqsearch.strategies.knapsack",
+    "progressive": "aqsearch.strategies.progressive",
+    "study": "aqsearch.strategies.study",
+    "run_study": "aqsearch.strategies.study",
+    "pareto_front": "aqsearch.strategies.study",
+    "pick": "aqsearch.strategies.study",
+    "polish": "aqsearch.polish",
+    "Artifact": "aqsearch.artifact",
+    "run": "aqsearch.pipeline",
+    "finish": "aqsearch.pipeline",
+    "TrainSettings": "aqsearch.training",
     "QuantLinear": "aqsearch.quantlinear",
     "materialize": "aqsearch.materialize",
     "generate": "aqsearch.materialize",

@@ -17,7 +17,7 @@ Evaluation runs the ordinary model with each governed Linear's weight replaced b
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -55,6 +55,20 @@ class WeightCache:
         return out
 
 
+def check_governed(plan: Plan | None, names: Iterable[str]) -> None:
+    """Refuse a plan whose exact entries name layers outside ``names`` (the layers it can govern)."""
+    from aqsearch.errors import AqError
+
+    if plan is None:
+        return
+    names = set(names)
+    extra = [k for k, s in plan.entries if not k.startswith("re:") and k != "_default" and k not in names
+             and s is not None]
+    if extra:
+        raise AqError(f"the plan quantizes {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which this "
+                      "command cannot quantize (it governs the decoder's Linears only)")
+
+
 @contextlib.contextmanager
 def quantized(
     model: nn.Module,
@@ -64,8 +78,6 @@ def quantized(
 ) -> Iterator[dict[str, QuantScheme | None]]:
     """Swap in the plan's dequantized weights; restore the originals on exit (even on error)."""
     layers = decoder_layers(model) if layers is None else layers
-    from aqsearch.artifact import check_governed
-
     check_governed(plan, (l.name for l in layers))  # an entry it cannot honour is an error, not dropped
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
     resolved: dict[str, QuantScheme | None] = {}

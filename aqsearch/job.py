@@ -1,106 +1,135 @@
-"""The main job, end to end: bank -> search -> front -> pick by budget -> polish -> artifact -> evaluate.
+"""The Job: everything one run needs, resolved once at the entry point.
 
-``aqsearch run`` (the README's first command) calls :func:`run_job` on the embedded SmolLM2 with small
-settings: a bank of block candidates (a small menu, a few training steps, raced by the learning-curve
-regressor), a few dozen trials composing them (knapsack starts at exactly the budget first), the Pareto
-front printed and plotted, the best plan within the budget polished block by block on the quantized
-prefix's outputs starting from the bank's weights, written as one artifact (plan + weights), and
-measured on separate evaluation text beside its unpolished self and the best uniform scheme of no
-more bytes.
+A :class:`Job` holds the model, its calibration / score / evaluation windows, the governed layers and
+their units with the menu (the :class:`~aqsearch.space.Space`), and the budget **in bytes**. Everything
+below it (the bank, the strategies, ``pick``, the polish) takes bytes; ``Budget.parse`` is called only
+here and by the command line.
 
->>> # run_job(load_model("smollm2-135m"), "4.5bpw", workdir="aqsearch-run")   # minutes on 2 cores
+- ``calib``: the windows the bank and the polish train and judge on;
+- ``score``: other windows of the calibration source, on which a study scores its trials;
+- ``evaluation``: held-out text, never seen before the final numbers.
+
+>>> # job = Job.resolve("smollm2-135m", "4.5bpw")          # model samples as data; about a minute on 2 cores
+>>> # job.limit, job.space.weights, job.calib.windows.shape
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
-from aqsearch.config import Budget, Plan
-from aqsearch.data import calib_eval_sets
-from aqsearch.memory import plan_bytes
-from aqsearch.quality import build_reference, evaluate
+from aqsearch.bank.core import BankConfig
+from aqsearch.config import Budget
+from aqsearch.data import TokenSet, calib_eval_sets, check_sources
+from aqsearch.errors import AqError
+from aqsearch.memory import format_bytes
+from aqsearch.models import LoadedModel, load_model
+from aqsearch.space import Space, build_space
+from aqsearch.training import TrainSettings
+
+# The main job's menu (small settings: make run in minutes on 2 cores).
+JOB_MENU = ("w8g128", "w4g64", "w4g128", "w3g64", "w2g64")
 
 
 @dataclass(frozen=True)
-class JobSettings:
-    """Small settings: minutes on a 2-core CPU for SmolLM2.
+class DataConfig:
+    """Where the windows come from and how many: the part of a job a study records and checks."""
 
-    One block-training step of SmolLM2 takes about a second on 2 shared cores, so a trained bank of
-    30 blocks x 5 schemes does not fit the 10 minutes of ``make run``: its bank holds round-to-nearest
-    candidates (``steps=0``) and the pick is trained by the polish (``polish_steps`` a block). GPU runs
-    (``benchmarks/bank.py``) train and race the bank at full settings."""
-
-    schemes: tuple[str, ...] = ("w8g128", "w4g64", "w4g128", "w3g64", "w2g64")
+    calib: str | None = None  # text file / hf:NAME / None (model samples)
+    evaluation: str | None = None
+    split: float | None = None
     calib_windows: int = 8
     calib_seqlen: int = 128
-    steps: int = 0  # bank training steps a candidate (0: round-to-nearest candidates)
-    polish_steps: int = 6
+    eval_tokens: int = 2048
+    seqlen: int = 256
+
+    def check(self) -> None:
+        """Bad data options, refused before any work (one line each)."""
+        check_sources(self.calib, self.evaluation)
+        if self.split is not None and not 0 < self.split < 1:
+            raise AqError(f"--split must be between 0 and 1, got {self.split:g}")
+        if self.calib is not None and self.calib == self.evaluation and self.split is None:
+            raise AqError("calibration and evaluation data are the same text; pass --split to divide it")
+        if self.eval_tokens < self.seqlen:
+            raise AqError(f"eval-tokens ({self.eval_tokens}) must be at least one window of seqlen {self.seqlen}")
 
 
-def run_job(loaded, budget: str, workdir: str | os.PathLike = "aqsearch-run", trials: int = 16,
-            calib: str | None = None, evaluation: str | None = None, eval_tokens: int = 2048, seqlen: int = 256,
-            device: str = "cpu", seed: int = 0, job: JobSettings = JobSettings()) -> dict:
-    from aqsearch.artifact import write_artifact
-    from aqsearch.curves import default_regressor
-    from aqsearch.polish import polish
-    from aqsearch.plots import plot_front
-    from aqsearch.search import SearchSettings, build_space, pareto_front, pick, run_study, study_bank, with_menu
-    from aqsearch.training import TrainSettings
-    from aqsearch.weights import trained_weight_fn
+@dataclass(frozen=True)
+class Job:
+    """Everything resolved once (see the module). Build it with :meth:`resolve`."""
 
-    t0 = time.time()
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{work.resolve() / 'study.db'}"
-    name = f"run-{loaded.fingerprint[:8]}-{Budget.parse(budget)}"
-    s = SearchSettings(granularity="block", eval_tokens=eval_tokens // 2, seqlen=seqlen, seed=seed, train=True,
-                       steps=job.steps, calib_windows=job.calib_windows, calib_seqlen=job.calib_seqlen,
-                       schemes=job.schemes)
-    space = with_menu(build_space(loaded.model, "block"), job.schemes)
-    limit = Budget.parse(budget).resolve(space.weights)  # resolved once, for the layers the plan governs
-    s = SearchSettings(**{**s.__dict__, "warm_budgets": (limit,)})
-    cal, score = calib_eval_sets(loaded, calib, calib, calib_windows=job.calib_windows, calib_seqlen=job.calib_seqlen,
-                                 eval_tokens=s.eval_tokens, seqlen=seqlen, split=0.5 if calib else None)
-    bank = study_bank(loaded, space, cal, s, default_regressor())
-    run_study(loaded, limit, trials, storage, name, s, calib, device, bank=bank, score=score)
-    t_search = time.time() - t0
-    front = pareto_front(storage, name)
-    plot_front(storage, name, str(work / "front.png"))
-    plan, point, tensors = pick(storage, name, limit)
-    ts = TrainSettings(steps=job.polish_steps, batch=8, seed=seed)
-    # From the model's own weights, not the bank's: dequantized bank weights sit on the quantization grid,
-    # where the trainer's rounding offsets (|v| < 0.5) cannot move a code. Measured on an H200, w3g64 with
-    # 50 polish steps: KL 0.292 from the model's weights, 0.516 from the bank's (benchmarks/compose_gap.py).
-    polished, pstats = polish(loaded.model, plan, cal, ts, desc="polishing the pick")
-    # Keep the polish only where it helps on the text the search scored: with the few calibration windows
-    # of small settings it can overfit (measured on SmolLM2, 2 cores: held-out KL 0.302 -> 0.377).
-    bs = 8 if device.startswith("cuda") else 1
-    sref = build_reference(loaded.model, score, batch_size=bs, cache_key=loaded.fingerprint)
-    kl_pol = evaluate(loaded.model, sref, plan, weight_fn=trained_weight_fn(polished), batch_size=bs).kl_mean
-    kl_bank = evaluate(loaded.model, sref, plan, weight_fn=trained_weight_fn(tensors), batch_size=bs).kl_mean
-    pstats["kept"] = kl_pol <= kl_bank
-    pstats["score_kl"] = {"polished": kl_pol, "bank": kl_bank}
-    if not pstats["kept"]:
-        polished = tensors
-    mem = plan_bytes(loaded.model, plan)
-    write_artifact(work / "plan.json", plan, polished, {"bytes": mem.bytes, "bpw": mem.bpw, "measurement": point,
-                                                        "trial": point["trial"], "bank": str(bank.dir)})
-    # held-out evaluation: the calibration source's other text (never scored during the search)
-    _, ev = calib_eval_sets(loaded, calib, evaluation, eval_tokens=eval_tokens, seqlen=seqlen, eval_seed=2,
-                            split=0.5 if evaluation is None and calib is not None else None)
-    ref = build_reference(loaded.model, ev, batch_size=bs, cache_key=loaded.fingerprint)
-    picked = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(polished), batch_size=bs)
-    unpolished = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(tensors), batch_size=bs)
-    # the uniform baseline: the largest scheme of the study's own menu that fits (the study was seeded with it)
-    fits = [sch for sch in job.schemes if plan_bytes(loaded.model, Plan.uniform(sch)).bytes <= limit]
-    best_uniform = max(fits, key=lambda sch: plan_bytes(loaded.model, Plan.uniform(sch)).bytes) if fits else None
-    uni = evaluate(loaded.model, ref, Plan.uniform(best_uniform), batch_size=bs) if best_uniform else None
-    return {"study": name, "storage": storage, "front": front, "plan": str(work / "plan.json"),
-            "plot": str(work / "front.png"), "picked_trial": point["trial"], "picked": picked.to_json(),
-            "picked_before_polish": unpolished.to_json(), "polish": {k: pstats[k] for k in ("steps", "seconds", "kept", "score_kl")},
-            "bank": {**bank.stats(), "folder": str(bank.dir)}, "search_seconds": t_search,
-            "uniform": {"scheme": str(best_uniform), **uni.to_json()} if uni else None,
-            "eval_data": ev.describe(), "budget_bytes": limit, "seconds": time.time() - t0}
+    loaded: LoadedModel
+    space: Space
+    calib: TokenSet
+    score: TokenSet
+    evaluation: TokenSet
+    limit: int  # bytes: the largest budget
+    budgets: tuple[int, ...]  # bytes, ascending; (limit,) for one budget
+    bank: BankConfig = BankConfig(menu=JOB_MENU, steps=0)
+    polish: TrainSettings = TrainSettings(steps=6, batch=8)
+    data: DataConfig = DataConfig()
+    device: str = "cpu"
+    seed: int = 0
+    bank_storage: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def batch(self) -> int:
+        """Windows a forward pass: 8 on a GPU, 1 on the CPU."""
+        return 8 if self.device.startswith("cuda") else 1
+
+    @classmethod
+    def resolve(cls, model: str | LoadedModel, budget: str | Budget | Sequence[str | Budget], *,
+                data: DataConfig = DataConfig(), bank: BankConfig = BankConfig(menu=JOB_MENU, steps=0),
+                polish: TrainSettings = TrainSettings(steps=6, batch=8), device: str = "cpu", seed: int = 0,
+                bank_storage: str | None = None) -> Job:
+        """Parse and check everything, load the model (unless given loaded), make the windows."""
+        data.check()
+        budgets = [Budget.parse(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
+        if not budgets:
+            raise AqError("no budget given")
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+        space = build_space(loaded.model, bank.granularity, menu=bank.menu)
+        limits = sorted({b.resolve(space.weights) for b in budgets})
+        smallest = space.bytes(space.extreme(smallest=True))
+        if limits[0] < smallest:
+            raise AqError(f"budget {format_bytes(limits[0])} ({limits[0]:,} B) is below the smallest plan of the menu: "
+                          f"{format_bytes(smallest)} ({smallest:,} B, {8 * smallest / space.weights:.3f} bpw)")
+        cal, score, ev = _windows(loaded, data)
+        return cls(loaded, space, cal, score, ev, limits[-1], tuple(limits), bank, polish, data, device, seed,
+                   bank_storage)
+
+    def describe(self) -> dict:
+        """What results depend on: a study made for another description is not resumed with this one."""
+        return {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint, "calib": self.calib.hash,
+                "score": self.score.hash, "evaluation": self.evaluation.hash, "budgets": list(self.budgets),
+                "bank": asdict(self.bank), "polish": asdict(self.polish), "data": asdict(self.data), "seed": self.seed}
+
+    def new_bank(self, regressor=None, heartbeat: int = 30):
+        """The bank of this job's model, calibration windows and bank settings."""
+        from aqsearch.bank import Bank
+
+        return Bank(self.loaded.model, self.loaded.fingerprint, self.calib, self.bank, self.bank_storage, regressor,
+                    heartbeat, model_source=self.loaded.name)
+
+
+def _windows(loaded: LoadedModel, d: DataConfig) -> tuple[TokenSet, TokenSet, TokenSet]:
+    """(calibration, score, evaluation) windows, pairwise disjoint: the calibration source's text gives
+    the first two (half each), the evaluation source the third; one text with ``split`` is cut there."""
+    from aqsearch.data import source_ids
+
+    if d.calib is not None and d.calib == d.evaluation:
+        ids, desc = source_ids(d.calib, loaded, 0, d.seqlen, seed=0)
+        cut = int(ids.numel() * d.split)
+        c_ids, e_ids = ids[:cut], ids[cut:]
+        half = c_ids.numel() // 2
+        cal = TokenSet.from_ids(c_ids[:half], d.calib_seqlen, d.calib_windows, f"{desc}[:{d.split / 2:g}]", spread=True)
+        score = TokenSet.from_ids(c_ids[half:], d.seqlen, d.eval_tokens // 2 // d.seqlen,
+                                  f"{desc}[{d.split / 2:g}:{d.split:g}]")
+        ev = TokenSet.from_ids(e_ids, d.seqlen, d.eval_tokens // d.seqlen, f"{desc}[{d.split:g}:]")
+        return cal, score, ev
+    cal, score = calib_eval_sets(loaded, d.calib, d.calib, calib_windows=d.calib_windows, calib_seqlen=d.calib_seqlen,
+                                 eval_tokens=d.eval_tokens // 2, seqlen=d.seqlen, split=0.5 if d.calib else None)
+    _, ev = calib_eval_sets(loaded, d.calib, d.evaluation, eval_tokens=d.eval_tokens, seqlen=d.seqlen, eval_seed=2,
+                            split=0.5 if d.evaluation is None and d.calib is not None else None)
+    return cal, score, ev

@@ -36,7 +36,7 @@ from aqsearch.config import Plan, QuantScheme
 from aqsearch.errors import AqError
 from aqsearch.io import atomic_dir, write_json_atomic
 from aqsearch.memory import plan_bytes
-from aqsearch.models import BLOCK_LINEARS, FUSED, LayerInfo, decoder_blocks, decoder_layers
+from aqsearch.models import BLOCK_LINEARS, FUSED, LayerInfo, decoder_blocks, decoder_layers, layer_name
 from aqsearch.quantlinear import QuantLinear
 
 FORMAT = "aqsearch-packed"
@@ -61,7 +61,7 @@ def materialize(model: nn.Module, plan: Plan, dtype: torch.dtype = torch.float16
     ``QuantLinear``: from ``qtensors[name]`` (trained codes, scales and zeros) where given with the
     plan's scheme, else round-to-nearest with the reference quantizer from the current weights in
     fp32. Then cast the rest of the model to ``dtype``. In place; returns the resolved plan."""
-    from aqsearch.artifact import check_governed
+    from aqsearch.apply import check_governed
 
     check_governed(plan, (l.name for l in decoder_layers(model)))
     resolved: dict[str, QuantScheme | None] = {}
@@ -91,7 +91,7 @@ def layer_infos(model: nn.Module) -> list[LayerInfo]:
             mod = block.get_submodule(suffix)
             if not isinstance(mod, (nn.Linear, QuantLinear)):
                 raise AqError(f"block {i} has no Linear '{suffix}': not a Llama-family decoder")
-            out.append(LayerInfo(f"model.layers.{i}.{suffix}", i, suffix, FUSED[suffix], mod.out_features,
+            out.append(LayerInfo(layer_name(i, suffix), i, suffix, FUSED[suffix], mod.out_features,
                                  mod.in_features))
     return out
 
@@ -257,68 +257,3 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32)
     new = out[0, ids.shape[1]:].tolist()
     return {"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new, "seconds": round(seconds, 4),
             "prompt_tokens": int(ids.shape[1]), "tokens_per_second": round(len(new) / max(seconds, 1e-9), 2)}
-
-
-# ---- command line (registered by aqsearch.cli through PLUGINS) -------------------------------------
-
-
-def cmd_materialize(args) -> int:
-    from aqsearch.cli import _emit, resolve_device
-    from aqsearch.io import check_output
-    from aqsearch.models import load_model
-    from aqsearch.weights import load_plan_tensors
-
-    plan, trained = (Plan.uniform(args.scheme), {}) if args.scheme is not None else load_plan_tensors(args.plan)
-    check_output(args.out, folder=True, force=args.force)
-    device = resolve_device(args.device)
-    t0 = time.time()
-    loaded = load_model(args.model, device=device)
-    plan.check_names(l.name for l in decoder_layers(loaded.model))
-    _log(f"quantizing the decoder Linears of {args.model}" + (f" ({len(trained)} trained)" if trained else ""))
-    materialize(loaded.model, plan, qtensors=trained)
-    meta = save(loaded.model, plan, args.out, tokenizer=loaded.tokenizer, source=args.model)
-    n_q = sum(1 for v in meta["layers"].values() if v["scheme"])
-    obj = {"out": str(args.out), "model": args.model, "scheme": args.scheme, "plan": args.plan,
-           "bytes": meta["bytes"], "bytes_total": meta["bytes_total"], "bpw": meta["bpw"],
-           "layers_quantized": n_q, "layers": len(meta["layers"]), "seconds": round(time.time() - t0, 2)}
-    _emit(args, obj, f"wrote {args.out}: {n_q}/{len(meta['layers'])} decoder Linears quantized, "
-                     f"{meta['bytes']:,} bytes ({meta['bpw']:.3f} bpw), model {meta['bytes_total']:,} bytes")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from aqsearch.cli import _emit, resolve_device
-
-    folder = Path(args.dir)
-    if not args.prompt.strip():
-        raise AqError("--prompt is empty: give the text to continue")
-    if not folder.is_dir():
-        raise AqError(f"model folder not found: {args.dir}")
-    device = resolve_device(args.device)
-    model, tok = load(folder, device)
-    if tok is None:
-        raise AqError(f"{args.dir} has no tokenizer: materialize it with aqsearch materialize")
-    res = generate(model, tok, args.prompt, args.max_new_tokens)
-    _emit(args, res, res["text"])
-    return 0
-
-
-def register(sub) -> dict:
-    """Add ``materialize`` and ``generate`` to the ``aqsearch`` command; returns ``{name: handler}``."""
-    from aqsearch.cli import _add_model, _positive_int
-
-    p = sub.add_parser("materialize", help="pack a plan's weights into a low-bit model folder")
-    _add_model(p)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--plan", help="plan JSON file")
-    g.add_argument("--scheme", help="uniform scheme, e.g. w4g64 or w3g32s")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-
-    p = sub.add_parser("generate", help="greedy text generation with a materialized model")
-    p.add_argument("dir", help="folder written by aqsearch materialize")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (text, tokens, seconds)")
-    return {"materialize": cmd_materialize, "generate": cmd_generate}

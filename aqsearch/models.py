@@ -53,6 +53,16 @@ FUSED = {
 }
 
 
+def layer_name(block: int, suffix: str | None = None) -> str:
+    """The one place layer names are spelled: block ``i`` (``model.layers.i``), or a Linear or fused
+    group inside it (``model.layers.i.mlp.up_proj``, ``model.layers.i.gate_up``).
+
+    >>> layer_name(3), layer_name(3, "mlp.up_proj")
+    ('model.layers.3', 'model.layers.3.mlp.up_proj')
+    """
+    return f"model.layers.{block}" if suffix is None else f"model.layers.{block}.{suffix}"
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One quantizable Linear: ``weight[out_features, in_features]``."""
@@ -71,7 +81,7 @@ class LayerInfo:
     @property
     def unit(self) -> str:
         """Name of its fused group across the model, e.g. "model.layers.3.gate_up"."""
-        return f"{self.name.rsplit('.', 2)[0]}.{self.fused}"
+        return layer_name(self.block, self.fused)
 
 
 @dataclass
@@ -111,7 +121,7 @@ def decoder_layers(model: nn.Module) -> list[LayerInfo]:
                     f"(expected the Llama layout: {', '.join(BLOCK_LINEARS)})"
                 )
             out.append(
-                LayerInfo(f"model.layers.{i}.{suffix}", i, suffix, FUSED[suffix], lin.out_features, lin.in_features)
+                LayerInfo(layer_name(i, suffix), i, suffix, FUSED[suffix], lin.out_features, lin.in_features)
             )
     return out
 
@@ -237,3 +247,25 @@ def model_summary(model: nn.Module) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "config": json.loads(cfg.to_json_string()) if hasattr(cfg, "to_json_string") else {},
     }
+
+
+def shapes_hash(model: nn.Module) -> str:
+    """A hash of the decoder Linears' names and shapes: what a plan made for this model depends on."""
+    return sha256_bytes(json.dumps([(l.name, l.out_features, l.in_features) for l in decoder_layers(model)]).encode())[:16]
+
+
+def check_plan_fits(artifact, model: nn.Module) -> None:
+    """Refuse an artifact made for another model: unknown layer names, a recorded layer-shape hash that
+    differs, or weights whose shape is not the layer's (one line, :class:`AqError`)."""
+    layers = {l.name: l for l in decoder_layers(model)}
+    artifact.plan.check_names(layers)
+    held = (artifact.meta or {}).get("shapes")
+    if held is not None and held != shapes_hash(model):
+        raise AqError("the plan was made for another model (its layer shapes differ from this model's)")
+    for name, q in (artifact.tensors or {}).items():
+        l = layers.get(name)
+        if l is None:
+            raise AqError(f"the plan's weights name {name}, which this model does not have")
+        if q.shape != (l.out_features, l.in_features):
+            raise AqError(f"the plan's weights for {name} are {tuple(q.shape)}, this model's layer is "
+                          f"{(l.out_features, l.in_features)}: the plan was made for another model")

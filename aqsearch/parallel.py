@@ -31,6 +31,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def worker_slots(workers: int | None = None) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entry each worker process gets: one per visible GPU (at most
+    ``workers``), keeping the parent's own entries (a parent on GPUs 2,3 hands out ``"2"`` and ``"3"``);
+    without a GPU, ``workers`` CPU workers (entry ``""``: no GPU), default one. (tests/test_parallel.py
+    checks the entries worker processes receive.)
+    """
+    gpus = visible_gpus()
+    if gpus:
+        return gpus[: workers or len(gpus)]
+    return [""] * (workers or 1)
+
+
 class JobFailed(RuntimeError):
     """A job raised in a worker; the message carries the worker's traceback."""
 
@@ -66,7 +78,7 @@ def run_per_gpu(init: Callable[[], Any], fn: Callable[[Any, Any], Any], jobs: Se
     gpus = visible_gpus() if gpus is None else list(gpus)
     out: list[Any] = [None] * len(jobs)
     if len(gpus) <= 1 or len(jobs) <= 1:
-        if gpus:
+        if gpus and gpus[0]:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
         state = init()
         for i, job in enumerate(jobs):
@@ -114,3 +126,39 @@ def run_per_gpu(init: Callable[[], Any], fn: Callable[[Any, Any], Any], jobs: Se
                 p.terminate()
             p.join(timeout=10)
     return out
+
+
+class Workers:
+    """Processes started by :func:`start_workers`; :meth:`wait` joins them and raises on a failure."""
+
+    def __init__(self, procs, results):
+        self.procs, self.results = procs, results
+
+    def wait(self) -> list[Any]:
+        out, errors = [], []
+        for p in self.procs:
+            p.join()
+        while True:
+            try:
+                _, status, val = self.results.get(timeout=1)
+            except queue.Empty:
+                break
+            (out if status == "ok" else errors).append(val)
+        if errors:
+            raise JobFailed(f"a worker failed:\n{errors[0]}")
+        return out
+
+
+def start_workers(init: Callable[[], Any], fn: Callable[[Any, Any], Any], slots: Sequence[str]) -> Workers:
+    """Start one process per slot (a ``CUDA_VISIBLE_DEVICES`` entry, ``""`` for a CPU worker) running
+    ``fn(init(), None)`` once, and return at once; the caller works beside them, then calls ``wait()``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    jq, rq = ctx.Queue(), ctx.Queue()
+    for i in range(len(slots)):
+        jq.put((i, None))
+    procs = [ctx.Process(target=_worker, args=(g, init, fn, jq, rq), daemon=True) for g in slots]
+    for p in procs:
+        p.start()
+    return Workers(procs, rq)

@@ -10,7 +10,7 @@ import os
 import optuna
 
 from aqsearch.errors import AqError
-from aqsearch.search import pareto_front
+from aqsearch.strategies.study import pareto_front
 from aqsearch.storage import load_study
 
 
@@ -50,7 +50,7 @@ def plot_front(storage: str, study_name: str, path: str) -> None:
     if limit:
         ax.axvline(limit / 2**20, ls="--", c="C3", lw=0.8, label="budget")
     ax.set_xlabel("bytes of the governed layers (MiB)")
-    ax.set_ylabel("held-out KL (nats/token)")
+    ax.set_ylabel("score KL at round-to-nearest (nats/token)")
     ax.set_yscale("log")
     ax.set_title(f"study {study_name}: {len(done)} trials")
     ax.legend(fontsize=8)

@@ -6,13 +6,6 @@ optimistic predicted final held-out loss is not at least ``min_gain`` below its 
 the end of its prefix: 8-bit blocks, for instance, have nothing to gain. The same function trains
 uniform plans, which is the baseline the engine is measured against.
 
-``init`` starts blocks from given trained tensors (the bank's candidates, trained on the
-full-precision stream) instead of from the full-precision weights: the block is trained as a copy
-whose Linears hold the dequantized ``init`` weights, so the learned offsets move codes around the
-bank's solution, still towards the full-precision block's outputs, now on the quantized prefix's
-outputs. Step 0 of such a run is (up to the rounding of an already-quantized grid) the bank's
-weights, and the best held-out checkpoint is kept: polishing never makes a block worse there.
-
 ``stream="rtn"`` feeds every block the outputs of a round-to-nearest prefix (at the plan's schemes) instead
 of the trained blocks before it: each block's training then depends on no other block's training, which
 is what a bank of independently trained candidates could use (``benchmarks/compose_gap.py``, row
@@ -26,7 +19,6 @@ that a resumed run keeps the blocks already trained.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -35,8 +27,8 @@ from aqsearch.capture import Activations, progress
 from aqsearch.config import Plan
 from aqsearch.curves import CurveRegressor, early_stopper
 from aqsearch.data import TokenSet
-from aqsearch.journal import Journal
-from aqsearch.models import BLOCK_LINEARS, decoder_blocks
+from aqsearch.strategies.journal import Journal
+from aqsearch.models import BLOCK_LINEARS, decoder_blocks, layer_name
 from aqsearch.quantizers import QTensor, dequantize, fake_quantize
 from aqsearch.training import Curve, TrainSettings, rel_error, train_block
 
@@ -51,7 +43,6 @@ def polish(
     min_gain: float = 0.1,
     journal: Journal | None = None,
     desc: str = "training blocks",
-    init: dict[str, QTensor] | None = None,
     stream: str = "trained",
 ) -> tuple[dict[str, QTensor], dict]:
     """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas)."""
@@ -74,7 +65,7 @@ def polish(
     stats = {"steps": 0, "steps_full": 0, "blocks": [], "activations": acts.report()}
     with progress(len(blocks), desc, unit="block") as bar:
         for i, blk in enumerate(blocks):
-            schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
+            schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(layer_name(i, sfx))) is not None}
             y_fp = acts.run(blk, acts.x_fp)
             if i in done and (done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}
                               or done[i].get("stream", "trained") != stream):
@@ -86,13 +77,14 @@ def polish(
                 stats["steps_full"] += done[i]["steps_full"]
             elif schemes:
                 floor = rel_error(acts, blk, {}, y_fp, held)
-                start = _start_block(blk, i, schemes, init or {})
-                rtn = {f"{sfx}.weight": fake_quantize(start.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
-                before = rel_error(acts, start, rtn, y_fp, held)
+                # from the model's own weights: dequantized weights of an earlier quantization sit on the
+                # grid, where rounding offsets |v| < 0.5 cannot move a code (FIELD-NOTES)
+                rtn = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
+                before = rel_error(acts, blk, rtn, y_fp, held)
                 goal = floor + (1.0 - min_gain) * (before - floor)
                 preds: list = []
                 stop = early_stopper(regressor, goal, preds) if regressor is not None else None
-                q, curve = train_block(start, schemes, acts, y_fp, train_idx, held, settings, floor=floor,
+                q, curve = train_block(blk, schemes, acts, y_fp, train_idx, held, settings, floor=floor,
                                        should_stop=stop, tag=f"polish block {i}")
                 if regressor is not None and curve.stopped is None:
                     regressor.refit([curve])
@@ -109,7 +101,7 @@ def polish(
             else:
                 q = {}
             for sfx, t in q.items():
-                out[f"model.layers.{i}.{sfx}"] = t
+                out[layer_name(i, sfx)] = t
             if stream == "rtn":
                 weights = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
             else:
@@ -119,16 +111,3 @@ def polish(
     stats["seconds"] = time.time() - t0
     return out, stats
 
-
-def _start_block(blk, i: int, schemes: dict, init: dict[str, QTensor]):
-    """``blk`` itself, or a copy holding the dequantized ``init`` tensors of its layers (same scheme)."""
-    start = {sfx: q for sfx, s in schemes.items() if (q := init.get(f"model.layers.{i}.{sfx}")) is not None
-             and q.scheme == s}
-    if not start:
-        return blk
-    out = copy.deepcopy(blk)
-    with torch.no_grad():
-        for sfx, q in start.items():
-            w = out.get_submodule(sfx).weight
-            w.copy_(dequantize(q).to(w.device, w.dtype))
-    return out

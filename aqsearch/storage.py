@@ -13,6 +13,7 @@ creates a storage file; searching into one creates its folder.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,12 @@ def safe_url(url: str) -> str:
 
 def make_storage(url: str, heartbeat: int = 30):
     """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials."""
+    import warnings
+
     import optuna  # here, not at the top: the CLI's other commands run without the search extra
+
+    # heartbeats, set_constraint and objective names are marked experimental; they are what we need
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
@@ -93,3 +99,54 @@ def check_storage(url: str, create: bool) -> None:
         check_output(path, "--storage", keep=True)
     elif not path.is_file():
         raise AqError(f"storage file not found: {path}")
+
+
+class QueueEmpty(Exception):
+    """Another worker took the last queued trial first; the trial made in its place ends as failed."""
+
+
+def drain(study, objective, heartbeat: int, on_tick=None) -> None:
+    """Run ``objective`` on queued trials until none is queued or running.
+
+    While other workers hold running trials, wait: a dead worker's trial turns stale after the grace
+    period, is failed and queued again (RDB storages, heartbeats), and this worker takes it.
+    ``objective`` raises :class:`QueueEmpty` for a trial that was not queued (the queue ran dry).
+    """
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    waiting, running = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
+
+    def stop_when_queue_empty(study, trial):
+        if on_tick is not None:
+            on_tick()
+        if not study.get_trials(deepcopy=False, states=(waiting,)):
+            study.stop()
+
+    deadline, seeded = None, set()
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails and is queued again
+        if study.get_trials(deepcopy=False, states=(waiting,)):
+            study.optimize(objective, callbacks=[stop_when_queue_empty], catch=(QueueEmpty,))
+            deadline = None
+            continue
+        live = study.get_trials(deepcopy=False, states=(running,))
+        if not live:
+            return
+        # running trials: another worker's, or a dead one's that turns stale after the grace period
+        deadline = deadline or time.time() + 3 * heartbeat + 2
+        if time.time() > deadline:
+            # A worker killed between taking a trial (RUNNING) and its first heartbeat leaves a trial
+            # Optuna never calls stale. Give each such trial one heartbeat: a live worker's goes on
+            # beating, a dead one's turns stale after the grace period and is queued again.
+            orphans = [t._trial_id for t in live if t._trial_id not in seeded]
+            if not orphans or not is_heartbeat_enabled(study._storage):
+                return
+            for tid in orphans:
+                study._storage.record_heartbeat(tid)
+            seeded.update(orphans)
+            deadline = None
+            continue
+        if on_tick is not None:
+            on_tick()
+        time.sleep(min(heartbeat, 2))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from aqsearch.apply import WeightFn, rtn_weight
-from aqsearch.config import Plan, QuantScheme
+from aqsearch.config import QuantScheme
 from aqsearch.errors import AqError
 from aqsearch.io import atomic_path, sha256_file
 from aqsearch.models import LayerInfo
@@ -77,15 +77,3 @@ def trained_weight_fn(tensors: dict[str, QTensor]) -> WeightFn:
 
     return fn
 
-
-def load_plan_tensors(path: str | Path) -> tuple[Plan, dict[str, QTensor]]:
-    """A plan file and its trained tensors: :func:`aqsearch.artifact.read_artifact`."""
-    from aqsearch.artifact import read_artifact
-
-    return read_artifact(path)
-
-
-def load_plan(path: str | Path) -> tuple[Plan, WeightFn]:
-    """A plan file and the weights it uses (its trained weights file, if it names one)."""
-    plan, tensors = load_plan_tensors(path)
-    return plan, (trained_weight_fn(tensors) if tensors else rtn_weight)

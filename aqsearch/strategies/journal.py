@@ -85,7 +85,9 @@ class Journal:
         from aqsearch.weights import save_qtensors
 
         path = self.artifacts / f"{name}.safetensors"
-        names = {f"model.layers.{block}.{sfx}": t for sfx, t in tensors.items()}
+        from aqsearch.models import layer_name
+
+        names = {layer_name(block, sfx): t for sfx, t in tensors.items()}
         sha = save_qtensors(path, names)
         return {"file": str(path.relative_to(self.path.parent)), "sha256": sha, "layers": sorted(names)}
 
@@ -116,41 +118,45 @@ def _default(o: Any) -> Any:
 
 
 def replay(journal: Journal) -> tuple[Plan, dict[str, dict]]:
-    """The plan the journal's decisions lead to, and the trained-weight artifacts it uses.
+    """The plan the journal's decisions lead to (built by :func:`aqsearch.bank.build_plan` from the units
+    its start record names), and the polished weights its ``polish`` records hold.
 
-    Returns ``(plan, trained)`` where ``trained`` maps a layer name to ``{"file", "sha256"}``.
+    Returns ``(plan, trained)`` where ``trained`` maps a layer name to ``{"file", "sha256"}``. A journal whose
+    decisions do not lead to its ``final`` plan (edited by hand) is refused.
     """
+    from aqsearch.bank.core import build_plan
+    from aqsearch.space import Unit
+
     head = journal.header()
     if head is None:
         raise AqError(f"journal {journal.path} has no start record (empty or not a journal)")
+    if not isinstance(head.get("n_blocks"), int) or not isinstance(head.get("units"), list):
+        raise AqError(f"journal {journal.path}: its start record does not say which units the model has")
     blocks: dict[int, dict] = {}
     polished: dict[int, dict] = {}
     final = None
     for r in journal.records():
         t = r.get("type")
         if t == "block":
-            blocks[r["block"]] = r
+            blocks[r["block"]] = dict(r)
         elif t == "rebalance":
-            blk = dict(blocks[r["block"]])
-            blk["layers"], blk["trained"] = r["layers"], r.get("trained")
-            blocks[r["block"]] = blk
+            blocks[r["block"]] = {**blocks[r["block"]], "choice": r["choice"]}
         elif t == "polish":
             polished[r["block"]] = r
         elif t == "final":
             final = r
-    if not isinstance(head.get("n_blocks"), int):
-        raise AqError(f"journal {journal.path}: its start record does not say how many blocks the model has")
     if len(blocks) < head["n_blocks"]:
         raise AqError(f"journal {journal.path} is unfinished: {len(blocks)} of {head['n_blocks']} blocks done; "
                       "run the same progressive command again to resume it")
-    layers: dict[str, str | None] = {}
+    units = [Unit(u["name"], tuple(u["layers"]), (), 0, -1) for u in head["units"]]
+    plan = build_plan(units, {n: s for i in sorted(blocks) for n, s in blocks[i]["choice"].items()})
     trained: dict[str, dict] = {}
-    for i in sorted(blocks):
-        layers.update(blocks[i]["layers"])
-        ref = polished[i].get("trained") if i in polished else blocks[i].get("trained")
-        for name in (ref or {}).get("layers", []):
+    for i in sorted(polished):
+        ref = polished[i].get("trained") or {}
+        for name in ref.get("layers", []):
             trained[name] = {"file": ref["file"], "sha256": ref["sha256"]}
-    plan = Plan.from_layers(layers)
-    if final is not None and Plan.from_json(final["plan"]) != plan:
+    if final is None:
+        raise AqError(f"journal {journal.path} has no final record: the run stopped before its plan was chosen")
+    if Plan.from_json(final["plan"]) != plan:
         raise AqError(f"journal {journal.path}: its decisions do not lead to its final plan (edited by hand?)")
     return plan, trained

@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from aqsearch.space import Space
+from aqsearch.config import Plan
+from aqsearch.errors import AqError
 
 MAX_CELLS = 1 << 19  # capacity steps of the dynamic programme (a byte per unit and step for the choices)
 
@@ -85,12 +86,19 @@ def _programme(options, steps, cap: int) -> list[int] | None:
     return picks[::-1]
 
 
-def knapsack_plan(space: Space, errors: dict[str, dict[str, float]], budget: int,
-                  quantum: int | None = None) -> dict[str, str] | None:
-    """The space's point of least summed error within ``budget``, or ``None``."""
-    units = [u for u in space.units if u.name in errors]
-    options = [[(errors[u.name][c], space.bytes_of_unit(u, c)) for c in u.choices] for u in units]
-    picks = solve(options, budget, quantum)
-    if picks is None:
-        return None
-    return {u.name: u.choices[j] for u, j in zip(units, picks)}
+
+def knapsack(bank, limit: int, quantum: int | None = None) -> Plan | None:
+    """The strategy: least summed bank error (trained where finished, the median prediction where the
+    race stopped a candidate) within ``limit`` bytes, built by :meth:`Bank.plan`; ``None`` when nothing fits."""
+    choice = knapsack_choice(bank, limit, quantum)
+    return None if choice is None else bank.plan(choice)
+
+
+def knapsack_choice(bank, limit: int, quantum: int | None = None) -> dict[str, str] | None:
+    """The choice (unit -> scheme) :func:`knapsack` builds its plan from."""
+    menus = [bank.menu(u) for u in bank.units]
+    for u, m in zip(bank.units, menus):
+        if not m:
+            raise AqError(f"the bank holds no candidate of unit {u.name} yet (build it first)")
+    picks = solve([[(c.error, c.bytes) for c in m] for m in menus], limit, quantum)
+    return None if picks is None else {u.name: m[j].scheme for u, m, j in zip(bank.units, menus, picks)}

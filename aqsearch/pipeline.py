@@ -1,0 +1,117 @@
+"""The one pipeline: a :class:`~aqsearch.job.Job` -> bank -> a strategy's plan -> polish -> artifact -> evaluation.
+
+:func:`run` is what ``aqsearch run``, ``aqsearch progressive`` and ``benchmarks/bank.py`` call;
+:func:`finish` is what turns any chosen plan into the artifact a user gets (``pick`` calls it too): the
+plan polished block by block on the quantized prefix's outputs, from the model's own weights, measured on
+held-out text beside its round-to-nearest self and the best uniform scheme of the menu that fits.
+
+>>> # from aqsearch import Job, run
+>>> # res = run(Job.resolve("smollm2-135m", "4.5bpw"), strategy="knapsack", workdir="out")   # minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from aqsearch.artifact import Artifact
+from aqsearch.config import Gate, Plan
+from aqsearch.io import sha256_bytes
+from aqsearch.memory import plan_bytes
+from aqsearch.polish import polish
+from aqsearch.quality import build_reference, evaluate
+
+STRATEGIES = ("study", "knapsack", "progressive")
+
+
+def log(msg: str) -> None:
+    print(f"aqsearch: {msg}", file=sys.stderr, flush=True)
+
+
+def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = None, journal=None) -> tuple[Artifact, dict]:
+    """Polish ``plan`` (``job.polish`` steps a block), keep the polish where it scores better than
+    round-to-nearest on the job's score windows (few windows can overfit), write the artifact to ``out``
+    and measure it on the evaluation windows. Returns the artifact and a report."""
+    m, bs = job.loaded.model, job.batch
+    weights, pstats = polish(m, plan, job.calib, job.polish, journal=journal, desc="polishing the pick")
+    sref = build_reference(m, job.score, batch_size=bs, cache_key=job.loaded.fingerprint)
+    polished = Artifact(plan, weights)
+    kl_pol = polished.evaluate(m, sref, bs).kl_mean
+    kl_rtn = evaluate(m, sref, plan, batch_size=bs).kl_mean
+    kept = kl_pol <= kl_rtn
+    mem = plan_bytes(m, plan)
+    art = Artifact(plan, weights if kept else {}, {**(meta or {}), "bytes": mem.bytes, "bpw": mem.bpw,
+                                                  "polish": {"steps": pstats["steps"], "kept": kept,
+                                                             "score_kl": {"polished": kl_pol, "rtn": kl_rtn}}})
+    if not kept:
+        log(f"the polish scored worse than round-to-nearest on the score windows (KL {kl_pol:.4g} > {kl_rtn:.4g}): "
+            "the artifact keeps round-to-nearest weights")
+    if out is not None:
+        art.save(out)
+    ref = build_reference(m, job.evaluation, batch_size=bs, cache_key=job.loaded.fingerprint)
+    report = {"picked": art.evaluate(m, ref, bs).to_json(), "picked_before_polish": evaluate(m, ref, plan, batch_size=bs).to_json(),
+              "polish": {"steps": pstats["steps"], "seconds": pstats["seconds"], "kept": kept,
+                         "score_kl": {"polished": kl_pol, "rtn": kl_rtn}},
+              "uniform": _uniform(job, ref), "eval_data": job.evaluation.describe(), "budget_bytes": job.limit}
+    return art, report
+
+
+def _uniform(job, ref) -> dict | None:
+    """The largest uniform scheme of the menu within the budget, at round-to-nearest, on ``ref``."""
+    size = {s: job.space.bytes(job.space.uniform(s)) for s in job.bank.menu}
+    fits = [s for s in job.bank.menu if size[s] <= job.limit]
+    if not fits:
+        return None
+    best = max(fits, key=size.get)
+    return {"scheme": best, **evaluate(job.loaded.model, ref, Plan.uniform(best), batch_size=job.batch).to_json()}
+
+
+def run(job, strategy: str = "study", *, workdir: str | Path = "aqsearch-run", trials: int = 16,
+        storage: str | None = None, study_name: str | None = None, gate: Gate = Gate(), workers: int = 1,
+        regressor=None, study_config=None, progressive_config=None) -> dict:
+    """The main job: build the bank, let ``strategy`` choose a plan within ``job.limit``, then :func:`finish`.
+    Writes ``plan.json`` (+ weights) in ``workdir``; for ``study``, also ``study.db`` and ``front.png``."""
+    from aqsearch.errors import AqError
+
+    if strategy not in STRATEGIES:
+        raise AqError(f"unknown strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    t0 = time.time()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    bank = job.new_bank(regressor)
+    bank.build(workers)
+    res: dict = {"bank": bank.stats(), "strategy": strategy}
+    journal = None
+    if strategy == "study":
+        plan, extra = _study(job, bank, work, storage, study_name, trials, study_config, workers)
+        res.update(extra)
+    elif strategy == "knapsack":
+        from aqsearch.strategies.knapsack import knapsack
+
+        plan = knapsack(bank, job.limit)
+    else:
+        from aqsearch.strategies.journal import Journal
+        from aqsearch.strategies.progressive import ProgressiveConfig, progressive
+
+        journal = Journal(work / "journal.jsonl")
+        plan = progressive(bank, job.limit, gate, journal, progressive_config or ProgressiveConfig())
+    res["search_seconds"] = time.time() - t0
+    art, report = finish(job, plan, work / "plan.json", {"strategy": strategy, "trial": res.get("picked_trial")},
+                         journal)
+    res.update(report, plan=str(work / "plan.json"), seconds=time.time() - t0)
+    return res
+
+
+def _study(job, bank, work: Path, storage, name, trials, config, workers) -> tuple[Plan, dict]:
+    from aqsearch.plots import plot_front
+    from aqsearch.strategies.study import StudyConfig, pareto_front, pick, run_study
+
+    storage = storage or f"sqlite:///{work.resolve() / 'study.db'}"
+    name = name or "run-" + sha256_bytes(repr(sorted(job.describe().items())).encode())[:10]
+    log(f"study {name} in {storage}")
+    run_study(job, bank, storage, name, trials, config or StudyConfig(seed=job.seed), job.limit, workers)
+    plan, point = pick(storage, name, job.limit)
+    plot_front(storage, name, str(work / "front.png"))
+    return plan, {"study": name, "storage": storage, "front": pareto_front(storage, name), "picked_trial": point["trial"],
+                  "picked_point": point, "plot": str(work / "front.png")}
