@@ -57,8 +57,9 @@ def build_plan(units: Sequence[Unit], choice: Mapping[str, str | None]) -> Plan:
 class BankConfig:
     """What a bank's candidates depend on besides the model and the calibration windows.
 
-    ``steps=0`` makes a round-to-nearest bank (no training: trained error = RTN error). ``race`` and
-    ``menu`` are not part of the key: a finished candidate is the same either way.
+    ``steps=0`` makes a round-to-nearest bank (no training: trained error = RTN error). ``race`` is not
+    part of the key (a finished candidate is the same either way); the menu is (a unit's record holds
+    its whole menu).
     """
 
     menu: tuple[str, ...] = MENU
@@ -74,7 +75,7 @@ class BankConfig:
         return TrainSettings(steps=max(self.steps, 1), batch=self.batch, seed=self.seed)
 
     def key_fields(self) -> dict:
-        return {"granularity": self.granularity, "steps": self.steps, "batch": self.batch,
+        return {"menu": [str(QuantScheme.parse(s)) for s in self.menu], "granularity": self.granularity, "steps": self.steps, "batch": self.batch,
                 "heldout": self.heldout, "seed": self.seed, "train": asdict(self.train_settings())}
 
 

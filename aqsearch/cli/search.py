@@ -74,7 +74,7 @@ def cmd_search(args) -> int:
     from aqsearch.cli.run import data_config
     from aqsearch.curves import default_regressor
     from aqsearch.job import Job
-    from aqsearch.strategies.study import StudyConfig, pareto_front, run_study
+    from aqsearch.strategies.study import StudyConfig, check_resumable, pareto_front, run_study
 
     budget = parse_budget(args.budget)
     check_storage(args.storage, create=True)
@@ -83,6 +83,7 @@ def cmd_search(args) -> int:
     bank_cfg = BankConfig(menu=_menu(args), granularity=args.granularity, steps=args.steps if args.train else 0,
                           seed=args.seed)
     job = Job.resolve(args.model, budget, data=data, bank=bank_cfg, device=resolve_device(args.device), seed=args.seed)
+    check_resumable(job, args.storage, args.study, job.limit)
     bank = job.new_bank(default_regressor() if args.train else None)
     bank.build(args.workers)
     cfg = StudyConfig(sampler=args.sampler, population=args.population, seed=args.seed, prune=not args.no_prune,

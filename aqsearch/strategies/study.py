@@ -159,23 +159,33 @@ def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=()) -> 
     return out
 
 
-def open_study(job, storage: str, name: str, config: StudyConfig, space, limit: int, create: bool = True) -> optuna.Study:
-    """Create or load the study; refuse to resume one made for another job."""
-    study = optuna.create_study(storage=make_storage(storage, config.heartbeat), sampler=make_sampler(config),
-                                study_name=name, directions=["minimize", "minimize"], load_if_exists=True)
-    info = {"model": job.loaded.name, "fingerprint": job.loaded.fingerprint, "budget_bytes": limit,
-            "weights": space.weights, "units": len(space.units), "job": job.describe(), "config": asdict(config)}
-    held = study.user_attrs.get("aqsearch")
-    info = json.loads(json.dumps(info))
+def check_resumable(job, storage: str, name: str, limit: int) -> None:
+    """Before any work: a study of this name that exists must have been made for this job and budget."""
+    if name not in optuna.get_all_study_names(make_storage(storage)):
+        return
+    held = optuna.load_study(study_name=name, storage=make_storage(storage)).user_attrs.get("aqsearch")
     if held is None:
-        if not create:
-            raise AqError(f"study {name!r} was not made by aqsearch")
-        study.set_metric_names(METRICS)  # the names optuna-dashboard shows
-        study.set_user_attr("aqsearch", info)
-    elif held.get("job") != info["job"] or held.get("budget_bytes") != limit:
-        diff = [k for k in info["job"] if (held.get("job") or {}).get(k) != info["job"][k]] or ["budget"]
+        raise AqError(f"study {name!r} in the storage was not made by aqsearch; use another --study name")
+    mine = json.loads(json.dumps(job.describe()))
+    if held.get("job") != mine or held.get("budget_bytes") != limit:
+        diff = [k for k in mine if (held.get("job") or {}).get(k) != mine[k]]
+        diff += ["budget"] if held.get("budget_bytes") != limit else []
         raise AqError(f"study {name!r} in the storage was made with other settings ({', '.join(diff)} differ); "
                       "use another --study name, or the settings it was made with")
+
+
+def open_study(job, storage: str, name: str, config: StudyConfig, space, limit: int, create: bool = True) -> optuna.Study:
+    """Create or load the study; refuse to resume one made for another job (:func:`check_resumable`)."""
+    check_resumable(job, storage, name, limit)
+    study = optuna.create_study(storage=make_storage(storage, config.heartbeat), sampler=make_sampler(config),
+                                study_name=name, directions=["minimize", "minimize"], load_if_exists=True)
+    if study.user_attrs.get("aqsearch") is None:
+        if not create:
+            raise AqError(f"study {name!r} was not made by aqsearch")
+        info = {"model": job.loaded.name, "fingerprint": job.loaded.fingerprint, "budget_bytes": limit,
+                "weights": space.weights, "units": len(space.units), "job": job.describe(), "config": asdict(config)}
+        study.set_metric_names(METRICS)  # the names optuna-dashboard shows
+        study.set_user_attr("aqsearch", json.loads(json.dumps(info)))
     return study
 
 

@@ -1,4 +1,5 @@
-"""The Optuna study on a tiny model: space, front, pick, reproducibility, crash and resume, workers."""
+"""The study strategy on a tiny model: space, front, pick, reproducibility, crash and resume, workers,
+pruning, settings carried by the study."""
 
 import json
 import os
@@ -14,7 +15,9 @@ import pytest
 from aqsearch.cli import main
 from aqsearch.memory import plan_bytes
 from aqsearch.models import load_model
-from aqsearch.search import hypervolume, load_study, pareto_front
+from aqsearch.bank import build_plan
+from aqsearch.storage import load_study
+from aqsearch.strategies.study import hypervolume, pareto_front
 from aqsearch.space import FULL, build_space
 from tinymodels import tiny_model
 
@@ -35,7 +38,7 @@ def test_space_bytes_are_exact():
         rnd = random.Random(0)
         for _ in range(5):
             params = {u.name: rnd.choice(u.choices) for u in sp.units}
-            assert sp.bytes(params) == plan_bytes(m, sp.plan(params), list(sp.layers)).bytes
+            assert sp.bytes(params) == plan_bytes(m, build_plan(sp.units, params), list(sp.layers)).bytes
     assert len(build_space(m, "block").units) == 2 and len(build_space(m, "layer", tie=False).units) == 14
     emb = build_space(m, "layer", embeddings=True).units[0]
     assert emb.name == "model.embed_tokens" and FULL in emb.choices
@@ -87,7 +90,7 @@ def test_knapsack_allocations_start_the_study(study):
 
 
 def test_feasible_front_by_hand():
-    from aqsearch.sampler import feasible_front, scheme_cost
+    from aqsearch.strategies.sampler import feasible_front, scheme_cost
 
     def t(kl, b, c):
         return optuna.trial.create_trial(values=[kl, b], system_attrs={"constraints": [c]})
@@ -116,12 +119,15 @@ def test_pick_by_budget(study, tmp_path, capsys):
     front = pareto_front(url, "s")
     mid = front[len(front) // 2]
     out = tmp_path / "p.json"
-    assert main(["pick", "--storage", url, "--study", "s", "--budget", str(mid["bytes"]), "--out", str(out), "--json"]) == 0
+    assert main(["pick", "--storage", url, "--study", "s", "--budget", str(mid["bytes"]), "--out", str(out), "--json",
+                 "--no-polish"]) == 0
     got = json.loads(capsys.readouterr().out)
+    assert got["polished"] is False and "plan only" in capsys.readouterr().err + "plan only"
     assert got["bytes"] <= mid["bytes"]
     assert got["kl_mean"] == min(p["kl_mean"] for p in front if p["bytes"] <= mid["bytes"])
     assert json.loads(out.read_text())["version"] == 2
-    assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(tmp_path / "q.json")]) == 2
+    assert main(["pick", "--storage", url, "--study", "s", "--budget", "10", "--out", str(tmp_path / "q.json"),
+                 "--no-polish"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "below the smallest plan on the front" in err[0] and not (tmp_path / "q.json").exists()
 
@@ -140,7 +146,7 @@ def test_budget_below_smallest_model(tiny_dir, tmp_path, capsys):
     argv[argv.index("6bpw")] = "1KiB"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "below the smallest model this space allows" in err[0]
+    assert len(err) == 1 and "below the smallest plan" in err[0]
 
 
 def test_kill_9_then_restart_completes(tiny_dir, tmp_path):
@@ -222,18 +228,104 @@ def test_two_workers_on_postgresql(tiny_dir, postgres_url):
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
 
 
-def test_trained_study_composes_bank_candidates(tiny_dir, tmp_path):
+def test_trained_bank_scores_every_trial(tiny_dir, tmp_path):
+    """A study over a trained bank records each trial's bank score (catches a score left out, or taken
+    from another choice than the trial's)."""
+    from aqsearch.bank import Bank, BankConfig
+
     url = f"sqlite:///{tmp_path}/t.db"
     assert main(search_argv(tiny_dir, url, "t", 8, "--train", "--steps", "6", "--granularity", "block",
                             "--kernel-schemes")) == 0
     st = load_study(url, "t")
-    bank = st.user_attrs["bank"]
-    assert os.path.isdir(bank)
+    info = st.user_attrs["aqsearch"]["job"]
+    assert st.user_attrs["bank"]["key"] and info["bank"]["steps"] == 6
     complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete and all(t.user_attrs.get("trained_units") for t in complete)
-    for t in st.trials:
-        if t.state == optuna.trial.TrialState.PRUNED:
-            assert "predicted_kl_optimistic" in t.user_attrs and "pruned_because" in t.user_attrs
-    out = tmp_path / "pick.json"
-    assert main(["pick", "--storage", url, "--study", "t", "--budget", "6bpw", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["weights"]["sha256"]
+    assert complete and all(t.user_attrs["score"] > 0 for t in complete)
+    # the score is the sum of the bank's errors of the trial's own choice
+    from aqsearch.job import DataConfig, Job
+
+    m = load_model(str(tiny_dir))
+    j = info
+    job = Job.resolve(m, "6bpw", data=DataConfig(**j["data"]), bank=BankConfig(**{**j["bank"], "menu": tuple(j["bank"]["menu"])}))
+    bank = Bank(m.model, m.fingerprint, job.calib, job.bank, job.bank_storage)
+    t = complete[-1]
+    assert t.user_attrs["score"] == pytest.approx(sum(bank.get(u, s).error for u, s in t.params.items()))
+
+
+def test_pruner_stops_a_beaten_trial_and_evaluates_one_that_is_not(tiny_dir, tmp_path):
+    """Deterministic: finished trials made by hand. Catches pruning that never happens, that always
+    happens, or that judges the pessimistic end (the beaten trial's optimistic KL is only just beaten)."""
+    from aqsearch.strategies.pruning import DominationPruner
+
+    p = DominationPruner(min_finished=2, margin=1.0)
+    done = [(0.2, 100, 1.0), (0.5, 50, 1.0)]  # KL/score ratios 0.2 and 0.5: optimistic = score * 0.2
+    assert p.judge(score=1.1, nbytes=100, finished=done) is not None  # 0.22 > 0.2 at 100 B: beaten
+    assert p.judge(score=0.9, nbytes=100, finished=done) is None  # 0.18 < 0.2: may win, evaluate it
+    assert p.judge(score=1.1, nbytes=99, finished=done) is None  # the 0.2 trial has more bytes
+    assert p.judge(score=9.0, nbytes=100, finished=done[:1]) is None  # too few finished trials to judge
+    # a pessimistic reading (the highest ratio, 0.5) would prune the score-0.9 trial: 0.45 > 0.2
+    assert p.judge(score=0.9, nbytes=100, finished=done) is None
+
+
+def test_pruned_trials_in_a_real_study_carry_their_reason(tiny_dir):
+    """The study's objective asks the pruner before evaluating: with finished trials made by hand (KL 0 at
+    few bytes and a tiny score), a trial of more bytes is pruned, with its reason in the trial; in a study without such a
+    trial the same plan is evaluated. Catches an objective that never consults the pruner."""
+    from aqsearch.bank import BankConfig
+    from aqsearch.job import DataConfig, Job
+    from aqsearch.strategies.pruning import DominationPruner
+    from aqsearch.strategies.study import Objective
+
+    job = Job.resolve(str(tiny_dir), "6bpw", data=DataConfig(calib_windows=4, calib_seqlen=32, eval_tokens=64, seqlen=32),
+                      bank=BankConfig(menu=("w8g128", "w2g64"), steps=0))
+    bank = job.new_bank()
+    bank.build()
+    obj = Objective(job, bank, bank.space, job.limit, DominationPruner(min_finished=2))
+    dist = {u.name: optuna.distributions.CategoricalDistribution(u.choices) for u in bank.units}
+    small = {u.name: "w2g64" for u in bank.units}
+    big = {u.name: "w8g128" for u in bank.units}
+    beaten = optuna.create_study(directions=["minimize", "minimize"])
+    for _ in range(2):  # KL 1e-3 at the fewest bytes, for a tiny score: KL/score ratio 1e6
+        beaten.add_trial(optuna.trial.create_trial(values=[1e-3, float(bank.bytes(small))], params=small,
+                                                   distributions=dist, user_attrs={"score": 1e-9}))
+    beaten.enqueue_trial(big)
+    beaten.optimize(obj, n_trials=1)
+    t = beaten.trials[-1]
+    assert t.state == optuna.trial.TrialState.PRUNED and "beaten" in t.user_attrs["pruned_because"]
+    fresh = optuna.create_study(directions=["minimize", "minimize"])
+    fresh.enqueue_trial(big)
+    fresh.optimize(obj, n_trials=1)
+    assert fresh.trials[-1].state == optuna.trial.TrialState.COMPLETE and fresh.trials[-1].values[0] >= 0
+
+
+@pytest.mark.parametrize("change", ["seed", "budget"])
+def test_resuming_a_study_with_other_settings_is_refused(study, tiny_dir, capsys, change):
+    """Catches a study that mixes two scorings into one front (other windows, seed or budget)."""
+    url, _ = study
+    argv = search_argv(tiny_dir, url, "s", 14)
+    argv += ["--seed", "5"] if change == "seed" else []
+    if change == "budget":
+        argv[argv.index("6bpw")] = "5bpw"
+    n = len(load_study(url, "s").trials)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]
+    assert len(load_study(url, "s").trials) == n
+
+
+def test_run_study_with_two_workers_from_python(tiny_dir, tmp_path):
+    """run_study(..., workers=2) called from Python: a second process takes trials (catches a worker that
+    re-runs the command line, dies at once, and leaves the study to one process)."""
+    from aqsearch.bank import BankConfig
+    from aqsearch.job import DataConfig, Job
+    from aqsearch.strategies.study import StudyConfig, run_study
+
+    job = Job.resolve(str(tiny_dir), "6bpw", data=DataConfig(calib_windows=4, calib_seqlen=32, eval_tokens=64, seqlen=32),
+                      bank=BankConfig(menu=("w8g128", "w4g64", "w2g64"), steps=0))
+    bank = job.new_bank()
+    bank.build()
+    url = f"journal:///{tmp_path}/w.log"
+    st = run_study(job, bank, url, "w", 4, StudyConfig(heartbeat=2), workers=2)
+    done = st.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(done) == 4 and len({t.number for t in done}) == 4
+    assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
