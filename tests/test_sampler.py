@@ -14,7 +14,7 @@ from optuna.testing.pytest_samplers import (
     RelativeSamplerTestCase,
 )
 
-from aqsearch.sampler import FrontMutationSampler
+from aqsearch.strategies.sampler import FrontMutationSampler
 
 
 class _FrontMutation:

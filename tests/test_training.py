@@ -12,8 +12,8 @@ from aqsearch.capture import Activations
 from aqsearch.config import QuantScheme
 from aqsearch.curves import CurveRegressor, early_stopper
 from aqsearch.errors import AqError
-from aqsearch.journal import Journal
-from aqsearch.knapsack import solve
+from aqsearch.strategies.journal import Journal
+from aqsearch.strategies.knapsack import solve
 from aqsearch.models import BLOCK_LINEARS, decoder_blocks
 from aqsearch.quantizers import quantize
 from aqsearch.training import BlockTraining, Curve, TrainSettings, rel_error, train_block

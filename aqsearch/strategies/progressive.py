@@ -133,7 +133,7 @@ class Engine:
             return None
         keep = [n for n in active if n not in lowered]
         self.log({"type": "try", "block": i, "phase": "sensitivity", "config": mixed, "delta": self.delta(mixed),
-                  "decision": "pass", "why": f"lowered {len(lowered)}; most sensitive kept: {', '.join(keep)}"})
+                  "bytes": self.nbytes(i, mixed), "decision": "pass", "why": f"lowered {len(lowered)}; most sensitive kept: {', '.join(keep)}"})
         return mixed, set(keep)
 
     def _groups(self, i, state, active, bits, menu):
