@@ -90,13 +90,12 @@ def test_commands_run_without_the_search_extra(tiny_dir, text_file, other_text_f
     assert p.stderr.strip().splitlines()[-1] == "aqsearch: error: this command needs optuna: pip install 'aqsearch[search]'"
 
 
-def test_main_job_end_to_end(capsys, tiny_dir, tmp_path, monkeypatch):
-    import aqsearch.polish
-    from aqsearch.search import load_study
+def test_main_job_end_to_end(capsys, tiny_dir, tmp_path):
+    """The main job: bank -> study -> pick -> polish -> artifact -> held-out numbers. Then the same study's
+    pick, polished by ``pick`` with the same settings, scores as the run's own artifact under ``eval``
+    (catches a pick that writes unpolished weights, or polishes with other settings)."""
+    from aqsearch.storage import load_study
 
-    starts = []  # the real polish runs; this records where it starts from
-    real = aqsearch.polish.polish
-    monkeypatch.setattr(aqsearch.polish, "polish", lambda *a, **kw: starts.append(kw.get("init")) or real(*a, **kw))
     rc, out, err = run(capsys, "run", "--model", str(tiny_dir), "--trials", "6", "--budget", "5bpw", "--eval-tokens", "64",
                        "--seqlen", "32", "--workdir", str(tmp_path / "job"), "--json")
     res = json.loads(out)
@@ -111,8 +110,18 @@ def test_main_job_end_to_end(capsys, tiny_dir, tmp_path, monkeypatch):
     # the pick is no worse than it: on the text the search scored, and on the held-out text
     assert trials[res["picked_trial"]].values[0] <= best.values[0]
     assert res["picked"]["kl_mean"] <= res["uniform"]["kl_mean"]
-    assert res["polish"]["steps"] > 0 and json.loads((tmp_path / "job" / "plan.json").read_text())["weights"]["sha256"]
+    art = json.loads((tmp_path / "job" / "plan.json").read_text())
+    assert res["polish"]["steps"] > 0 and art["polished"] == res["polish"]["kept"]
     assert res["bank"]["candidates"] == res["bank"]["of"] > 0
-    # the pick is polished from the model's own weights: the bank's sit on the grid, where rounding offsets
-    # cannot move a code (benchmarks/compose_gap.py: KL 0.292 against 0.516 on an H200)
-    assert starts == [None]
+    # search's pick, polished by pick itself, then eval: the same numbers as the run's artifact
+    rc, out, err = run(capsys, "pick", "--storage", res["storage"], "--study", res["study"], "--budget", "5bpw",
+                       "--out", str(tmp_path / "p.json"), "--json")
+    assert rc == 0 and json.loads(out)["trial"] == res["picked_trial"]
+    kls = []
+    for plan in (tmp_path / "job" / "plan.json", tmp_path / "p.json"):
+        rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--plan", str(plan), "--eval-tokens", "64",
+                           "--seqlen", "32", "--json")
+        assert rc == 0
+        kls.append(json.loads(out)["kl_mean"])
+    assert kls[1] == pytest.approx(kls[0], rel=0.05)
+    assert json.loads((tmp_path / "p.json").read_text())["polished"] == art["polished"]
