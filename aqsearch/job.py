@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from aqsearch.bank.core import BankConfig
+from aqsearch.bank.records import BankConfig
 from aqsearch.config import Budget
 from aqsearch.data import TokenSet, calib_eval_sets, check_sources
 from aqsearch.errors import AqError

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from aqsearch.config import Budget, Plan, QuantScheme
+from aqsearch.config import Plan, QuantScheme
 from aqsearch.errors import AqError
 from aqsearch.models import LayerInfo, decoder_layers
 from aqsearch.quantizers import n_groups
@@ -103,11 +103,6 @@ def plan_bytes(model: nn.Module, plan: Plan | None, layers: list[LayerInfo] | No
     gov = sum(per_layer.values())
     other = other_params(model, layers) * STORED_DTYPE_BYTES
     return MemoryReport(per_layer, gov, gov + other, sum(l.numel for l in layers), other, schemes)
-
-
-def budget_bytes(budget: Budget | str, layers: list[LayerInfo]) -> int:
-    """Bytes a budget allows the governed layers."""
-    return Budget.parse(budget).resolve(sum(l.numel for l in layers))
 
 
 def smallest_bytes(layers: list[LayerInfo], schemes: list[QuantScheme]) -> int:

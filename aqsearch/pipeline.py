@@ -11,6 +11,7 @@ held-out text beside its round-to-nearest self and the best uniform scheme of th
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,10 @@ def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = N
     kl_rtn = evaluate(m, sref, plan, batch_size=bs).kl_mean
     kept = kl_pol <= kl_rtn
     mem = plan_bytes(m, plan)
+    from aqsearch.models import shapes_hash
+
     art = Artifact(plan, weights if kept else {}, {**(meta or {}), "bytes": mem.bytes, "bpw": mem.bpw,
+                                                  "model": job.loaded.name, "shapes": shapes_hash(m),
                                                   "polish": {"steps": pstats["steps"], "kept": kept,
                                                              "score_kl": {"polished": kl_pol, "rtn": kl_rtn}}})
     if not kept:
@@ -108,7 +112,7 @@ def _study(job, bank, work: Path, storage, name, trials, config, workers) -> tup
     from aqsearch.strategies.study import StudyConfig, pareto_front, pick, run_study
 
     storage = storage or f"sqlite:///{work.resolve() / 'study.db'}"
-    name = name or "run-" + sha256_bytes(repr(sorted(job.describe().items())).encode())[:10]
+    name = name or "run-" + sha256_bytes(json.dumps(job.describe(), sort_keys=True).encode())[:10]
     log(f"study {name} in {storage}")
     run_study(job, bank, storage, name, trials, config or StudyConfig(seed=job.seed), job.limit, workers)
     plan, point = pick(storage, name, job.limit)

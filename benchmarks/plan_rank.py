@@ -1,20 +1,17 @@
-"""Do the bank's scores rank mixed plans as their polished quality does? (a diagnostic for the study)
+"""Which plans does the bank's score rank as their polished quality does? Strategies compared at one budget.
 
-The study and the knapsack rank plans by the bank's candidates composed (trained on the full-precision
-stream); the pick is then polished from the model's weights on the quantized prefix. This builds one bank
-over a menu and, for plans of the same bytes, measures on the whole WikiText-2 test set the KL of the bank's
-candidates composed and the KL after the pick's polish:
+One job (WikiText-2 validation calibrates, the raw test set evaluates), one layer bank (fused units, every
+scheme of the progressive engine's menu), then plans of the strategies - uniform (the largest scheme of the
+menu that fits), knapsack, progressive - plus plans given as files (``--plan NAME=FILE``, e.g. the old
+engine's), plus random mixes near the budget. Each plan gets its bank score (summed unit errors), its KL at
+round-to-nearest on the score windows and its KL after the pick's polish on the evaluation windows (the same
+:func:`aqsearch.pipeline.finish` for all). The rank correlations (Spearman, Kendall) of score and RTN KL with
+the polished KL close the run.
 
-- ``uniform``: the middle scheme everywhere (default w3g64);
-- ``knapsack``: the least summed bank error within the uniform plan's bytes;
-- ``anti``: the knapsack's choice with its large and small schemes swapped (the same bytes when the two
-  average to the middle one, as w4g64 and w2g64 do to w3g64: 4.3125 + 2.28125 = 2 x 3.296875 bpw);
-- ``randomK``: K random blocks at the large scheme and K others at the small one, the rest uniform.
+    python benchmarks/plan_rank.py --small --budget 4.5bpw --plan old-engine=/tmp/old_engine_plan.json
+    python benchmarks/plan_rank.py --budget 3.5bpw                                 # GPU: full settings
 
-    python benchmarks/plan_rank.py                 # GPU: 128x2048 windows, 200 steps, polish 50
-    python benchmarks/plan_rank.py --small         # CPU: minutes
-
-Appends one JSON line a plan (as soon as it is measured) to ``benchmarks/results/plan_rank.jsonl``.
+Appends one JSON line a plan, then a summary line, to ``benchmarks/results/plan_rank.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,82 +26,83 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 
 
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--menu", default="w4g64,w3g64,w2g64", help="large,middle,small schemes")
-    ap.add_argument("--plans", default="uniform,knapsack,anti,random4,random8,random12",
-                    help="measured in this order; a plan equal to an earlier one is skipped")
-    ap.add_argument("--small", action="store_true", help="CPU settings: 16x128 windows, 20 steps, 8x256 test tokens")
-    ap.add_argument("--steps", type=int, default=None, help="the bank's steps (200; small 20)")
-    ap.add_argument("--polish-steps", type=int, default=None, help="the pick's polish (50; small 5)")
-    ap.add_argument("--run", default=None, help="run id stored with every record (default: the time)")
+    ap.add_argument("--budget", default="4.5bpw")
+    ap.add_argument("--small", action="store_true", help="CPU: 16x128 windows, RTN bank, polish 5 steps, 8x256 test")
+    ap.add_argument("--plan", action="append", default=[], help="NAME=FILE: a plan to rank too")
+    ap.add_argument("--random", type=int, default=2, help="random mixes near the budget")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--out", default=str(HERE / "results" / "plan_rank.jsonl"))
     args = ap.parse_args()
 
-    from aqsearch.bank import Bank, BankSettings
-    from aqsearch.bench import append_result, wikitext_setup
-    from aqsearch.compose import compose, knapsack_choice
-    from aqsearch.config import Plan
-    from aqsearch.memory import plan_bytes
-    from aqsearch.polish import polish
-    from aqsearch.quality import evaluate
-    from aqsearch.training import TrainSettings
-    from aqsearch.weights import trained_weight_fn
+    import torch
+    from scipy.stats import kendalltau, spearmanr
 
-    big, mid, low = args.menu.split(",")
+    from aqsearch import BankConfig, DataConfig, Job, Plan, TrainSettings
+    from aqsearch.bench import append_result
+    from aqsearch.pipeline import finish
+    from aqsearch.quality import build_reference, evaluate
+    from aqsearch.strategies.knapsack import knapsack_choice
+    from aqsearch.strategies.progressive import ProgressiveConfig, progressive
+
+    d = Path(args.data_dir)
     small = args.small
-    w = wikitext_setup(args.model, args.data_dir, small, args.steps, args.polish_steps)
-    loaded, calib, test, ref, bs = w.loaded, w.calib, w.test, w.ref, w.bs
-    steps, pol, n_win, seqlen = w.steps, w.pol, w.n_win, w.seqlen
-    run_id = args.run or time.strftime("%Y%m%d-%H%M%S")
-    budget = plan_bytes(loaded.model, Plan.uniform(mid)).bytes
-    bset = BankSettings(schemes=(big, mid, low), granularity="block", steps=steps, batch=8, race=False)
-    settings = {"menu": [big, mid, low], "windows": n_win, "seqlen": seqlen, "steps": steps, "polish_steps": pol,
-                "test_tokens": int(test.windows.numel()), "budget_bytes": budget}
-    with tempfile.TemporaryDirectory() as work:
-        bank = Bank(Path(work), loaded.model, loaded.fingerprint, calib, bset)
+    data = DataConfig(str(d / "wikitext-2-valid.tokens.txt"), str(d / "wikitext-2-raw-test.txt"), None,
+                      16 if small else 128, 128 if small else 2048, 2 * 8 * 256 if small else 2 * 64 * 2048,
+                      256 if small else 2048)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = ProgressiveConfig()
+    job = Job.resolve(args.model, args.budget, data=data, device=dev,
+                      bank=BankConfig(menu=cfg.menu(), granularity="layer", steps=0 if small else 200),
+                      polish=TrainSettings(steps=5 if small else 50, batch=8))
+    bank = job.new_bank()
+    bank.build()
+    choices: dict[str, dict] = {}
+    fits = [s for s in job.bank.menu if bank.bytes(bank.space.uniform(s)) <= job.limit]
+    choices["uniform"] = bank.space.uniform(max(fits, key=lambda s: bank.bytes(bank.space.uniform(s))))
+    choices["knapsack"] = knapsack_choice(bank, job.limit)
+    choices["progressive"] = bank.space.choice_of(progressive(bank, job.limit))
+    for spec in args.plan:
+        name, path = spec.split("=", 1)
+        choices[name] = bank.space.choice_of(Plan.load(path))
+    rng = random.Random(0)
+    for k in range(args.random):  # the knapsack's choice with random units moved one scheme up or down, refit
+        c = dict(choices["knapsack"])
+        for u in rng.sample(bank.units, 12):
+            c[u.name] = rng.choice(u.choices)
+        while bank.bytes(c) > job.limit:
+            u = rng.choice(bank.units)
+            c[u.name] = min(u.choices, key=lambda s: bank.space.bytes_of_unit(u, s))
+        choices[f"random{k}"] = c
+    sref = build_reference(job.loaded.model, job.score, batch_size=job.batch)
+    rows, run_id = [], time.strftime("%Y-%m-%dT%H:%M:%S")
+    for name, c in choices.items():
         t0 = time.time()
-        bank.build()
-        bank_s = time.time() - t0
-        print(f"bank: {len(bank.candidates())} candidates in {bank_s:.0f} s", file=sys.stderr, flush=True)
-        names = [u.name for u in bank.units]
-        knap = knapsack_choice(bank, budget)
-        seen: list[dict] = []
-        for name in args.plans.split(","):
-            if name == "uniform":
-                choice = dict.fromkeys(names, mid)
-            elif name == "knapsack":
-                choice = knap
-            elif name == "anti":
-                choice = {u: {big: low, low: big}.get(s, s) for u, s in knap.items()}
-            elif name.startswith("random"):
-                k = int(name[len("random"):])
-                picked = random.Random(k).sample(names, 2 * k)
-                choice = {u: big if u in picked[:k] else low if u in picked[k:] else mid for u in names}
-            else:
-                raise SystemExit(f"unknown plan {name!r}: uniform, knapsack, anti or randomK")
-            if choice in seen:
-                print(f"{name}: the same plan as an earlier one, skipped", file=sys.stderr)
-                continue
-            seen.append(choice)
-            plan, tensors = compose(bank, choice)
-            nbytes = plan_bytes(loaded.model, plan).bytes
-            summed = sum(bank.get(u, s).error for u, s in choice.items())
-            composed = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(tensors), batch_size=bs).kl_mean
-            t0 = time.time()
-            q, _ = polish(loaded.model, plan, calib, TrainSettings(steps=pol, batch=8), desc=f"polish {name}")
-            pol_s = time.time() - t0
-            polished = evaluate(loaded.model, ref, plan, weight_fn=trained_weight_fn(q), batch_size=bs).kl_mean
-            counts = {s: sum(v == s for v in choice.values()) for s in (big, mid, low)}
-            print(f"{name:10s} {counts} {nbytes:,} B  bank summed error {summed:.4f}  composed KL {composed:.4f}  "
-                  f"polished KL {polished:.4f}", file=sys.stderr, flush=True)
-            append_result(args.out, {"bench": "plan_rank", "run": run_id, "small": small, "settings": settings,
-                                     "plan": name, "blocks": counts,
-                                     "changed": {s: [i for i, u in enumerate(names) if choice[u] == s] for s in (big, low)}, "bytes": nbytes, "bank_error_sum": summed,
-                                     "kl_composed": composed, "kl_polished": polished,
-                                     "seconds": {"bank": bank_s, "polish": pol_s}})
+        plan = bank.plan(c)
+        rtn = evaluate(job.loaded.model, sref, plan, batch_size=job.batch).kl_mean
+        art, rep = finish(job, plan)
+        row = {"bench": "plan_rank", "run": run_id, "plan": name, "budget": args.budget, "small": small,
+               "bytes": bank.bytes(c), "bpw": 8 * bank.bytes(c) / bank.space.weights, "score": bank.score(c),
+               "rtn_kl_score_windows": rtn, "polished_kl": rep["picked"]["kl_mean"], "polish_kept": rep["polish"]["kept"],
+               "eval_tokens": rep["picked"]["tokens"], "seconds": time.time() - t0}
+        log(f"{name}: {row['bpw']:.3f} bpw score {row['score']:.4f} rtn {rtn:.4f} polished {row['polished_kl']:.4f}")
+        append_result(args.out, row)
+        rows.append(row)
+    pol = [r["polished_kl"] for r in rows]
+    summary = {"bench": "plan_rank", "run": run_id, "summary": True, "plans": len(rows), "small": small,
+               "spearman_score": spearmanr([r["score"] for r in rows], pol).statistic,
+               "kendall_score": kendalltau([r["score"] for r in rows], pol).statistic,
+               "spearman_rtn_kl": spearmanr([r["rtn_kl_score_windows"] for r in rows], pol).statistic,
+               "kendall_rtn_kl": kendalltau([r["rtn_kl_score_windows"] for r in rows], pol).statistic,
+               "best": min(rows, key=lambda r: r["polished_kl"])["plan"]}
+    append_result(args.out, summary)
+    log(str(summary))
     return 0
 
 

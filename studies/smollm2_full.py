@@ -1,16 +1,15 @@
-"""SmolLM2-135M, full settings for one H200: 200 trials with unit training and learning-curve pruning,
-eight workers on one GPU sharing a journal-file storage (several processes, one host).
+"""SmolLM2-135M, full settings on GPUs: a trained, raced layer bank (one worker process per visible GPU),
+then 200 trials with workers sharing a journal-file storage (several processes, one host).
 
     python studies/smollm2_full.py
     optuna-dashboard journal:///tmp/smollm2-full.journal     # or copy the journal file back first
 """
 
-import sys
 from pathlib import Path
 
+from aqsearch import BankConfig, DataConfig, Job
 from aqsearch.curves import default_regressor
-from aqsearch.models import load_model
-from aqsearch.search import SearchSettings, run_study
+from aqsearch.strategies.study import StudyConfig, run_study
 
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m"
@@ -20,13 +19,11 @@ STORAGE = "journal:///tmp/smollm2-full.journal"
 STUDY = "smollm2-full"
 TRIALS = 200
 WORKERS = 8
-SETTINGS = SearchSettings(granularity="layer", sampler="local", seed=0, eval_tokens=32768, seqlen=2048,
-                          calib_windows=32, calib_seqlen=256, train=True, steps=40, prune=True)
 
 if __name__ == "__main__":
-    argv = ["search", "--model", MODEL, "--device", "cuda", "--storage", STORAGE, "--study", STUDY, "--budget", BUDGET,
-            "--trials", str(TRIALS), "--calib-data", str(DATA), "--eval-tokens", "32768", "--seqlen", "2048",
-            "--calib-samples", "32", "--calib-seqlen", "256", "--train", "--steps", "40"]
-    run_study(load_model(MODEL, device="cuda"), BUDGET, TRIALS, STORAGE, STUDY, SETTINGS, str(DATA), "cuda",
-              workers=WORKERS, argv=argv, regressor=default_regressor())
-    sys.exit(0)
+    job = Job.resolve(MODEL, BUDGET, device="cuda",
+                      data=DataConfig(calib=str(DATA), calib_windows=128, calib_seqlen=2048, eval_tokens=65536, seqlen=2048),
+                      bank=BankConfig(granularity="layer", steps=200))
+    bank = job.new_bank(default_regressor())
+    bank.build()
+    run_study(job, bank, STORAGE, STUDY, TRIALS, StudyConfig(sampler="local"), workers=WORKERS)

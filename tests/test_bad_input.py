@@ -52,9 +52,13 @@ def test_eval_plan_whose_weights_is_not_a_reference(capsys, tiny_dir, tmp_path):
 
 
 def test_eval_plan_with_garbage_weights_file(capsys, tiny_dir, tmp_path):
+    from aqsearch.io import sha256_file
+
     (tmp_path / "w.safetensors").write_bytes(bytes(range(256)) * 8)
     p = tmp_path / "p.json"
-    p.write_text(json.dumps({"version": 1, "layers": {"_default": "w4g32"}, "weights": {"file": "w.safetensors"}}))
+    sha = sha256_file(tmp_path / "w.safetensors")  # its hash matches: the content is what is wrong
+    p.write_text(json.dumps({"version": 1, "layers": {"_default": "w4g32"}, "weights": {"file": "w.safetensors",
+                                                                                         "sha256": sha}}))
     one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--plan", str(p), *DATA], "not a trained-weights file")
 
 

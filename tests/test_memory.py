@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aqsearch.config import Budget, Plan, QuantScheme
-from aqsearch.memory import budget_bytes, code_words, layer_bytes, plan_bytes, smallest_bytes
+from aqsearch.memory import code_words, layer_bytes, plan_bytes, smallest_bytes
 from aqsearch.models import decoder_layers
 from aqsearch.quantizers import n_groups
 from tinymodels import tiny_model
@@ -69,7 +69,7 @@ def test_plan_bytes_on_a_model_matches_hand_sum():
 def test_budget_and_smallest():
     layers = decoder_layers(tiny_model())
     n = sum(l.numel for l in layers)
-    assert budget_bytes("4bpw", layers) == n // 2
-    assert budget_bytes(Budget.parse("100KiB"), layers) == 100 * 2**10  # below the 16 bpw bound (172,032 B)
+    assert Budget.parse("4bpw").resolve(n) == n // 2
+    assert Budget.parse("100KiB").resolve(n) == 100 * 2**10  # below the 16 bpw bound (172,032 B)
     assert smallest_bytes(layers, [QuantScheme(2, 256), QuantScheme(4, 64)]) == sum(
         layer_bytes(l.out_features, l.in_features, QuantScheme(2, 256)) for l in layers)

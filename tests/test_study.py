@@ -252,21 +252,6 @@ def test_trained_bank_scores_every_trial(tiny_dir, tmp_path):
     assert t.user_attrs["score"] == pytest.approx(sum(bank.get(u, s).error for u, s in t.params.items()))
 
 
-def test_pruner_stops_a_beaten_trial_and_evaluates_one_that_is_not(tiny_dir, tmp_path):
-    """Deterministic: finished trials made by hand. Catches pruning that never happens, that always
-    happens, or that judges the pessimistic end (the beaten trial's optimistic KL is only just beaten)."""
-    from aqsearch.strategies.pruning import DominationPruner
-
-    p = DominationPruner(min_finished=2, margin=1.0)
-    done = [(0.2, 100, 1.0), (0.5, 50, 1.0)]  # KL/score ratios 0.2 and 0.5: optimistic = score * 0.2
-    assert p.judge(score=1.1, nbytes=100, finished=done) is not None  # 0.22 > 0.2 at 100 B: beaten
-    assert p.judge(score=0.9, nbytes=100, finished=done) is None  # 0.18 < 0.2: may win, evaluate it
-    assert p.judge(score=1.1, nbytes=99, finished=done) is None  # the 0.2 trial has more bytes
-    assert p.judge(score=9.0, nbytes=100, finished=done[:1]) is None  # too few finished trials to judge
-    # a pessimistic reading (the highest ratio, 0.5) would prune the score-0.9 trial: 0.45 > 0.2
-    assert p.judge(score=0.9, nbytes=100, finished=done) is None
-
-
 def test_pruned_trials_in_a_real_study_carry_their_reason(tiny_dir):
     """The study's objective asks the pruner before evaluating: with finished trials made by hand (KL 0 at
     few bytes and a tiny score), a trial of more bytes is pruned, with its reason in the trial; in a study without such a

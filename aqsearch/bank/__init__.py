@@ -4,7 +4,8 @@ See :mod:`aqsearch.bank.core` (the bank), :mod:`aqsearch.bank.store` (an Optuna 
 :mod:`aqsearch.bank.build` (building and racing) and :mod:`aqsearch.bank.race`.
 """
 
-from aqsearch.bank.core import MENU, Bank, BankConfig, Candidate, build_plan
+from aqsearch.bank.core import Bank, build_plan
+from aqsearch.bank.records import MENU, BankConfig, Candidate
 from aqsearch.bank.race import dominated
 
 __all__ = ["MENU", "Bank", "BankConfig", "Candidate", "build_plan", "dominated"]

@@ -18,7 +18,6 @@ import torch
 
 from aqsearch.capture import Activations, progress
 from aqsearch.config import QuantScheme
-from aqsearch.curves import QUANTILES
 from aqsearch.errors import AqError
 from aqsearch.models import decoder_blocks
 from aqsearch.quantizers import fake_quantize
@@ -132,7 +131,7 @@ class UnitBuilder:
                 for n in u.layers}
 
     def _record(self, u, scheme: str, rtn: float, status: str, curve: Curve | None = None, **kw) -> dict:
-        from aqsearch.bank.core import Candidate
+        from aqsearch.bank.records import Candidate
 
         run = curve.steps_run if curve is not None else 0
         c = Candidate(u.name, u.block, scheme, list(u.layers), self.bank.space.bytes_of_unit(u, scheme), rtn, status,
@@ -165,7 +164,7 @@ def build(bank, workers=None, show: bool = True) -> None:
 def spec_of(bank, model_source: str) -> dict:
     """What a worker process needs to rebuild ``bank`` (the model is loaded again from its source)."""
     return {"model": model_source, "fingerprint": bank.fingerprint, "calib": bank.calib, "config": asdict(bank.config),
-            "storage": bank.storage, "heartbeat": bank.store.heartbeat}
+            "storage": bank.storage, "heartbeat": bank.store.heartbeat, "cls": type(bank)}
 
 
 def _build_parallel(bank, slots: list[str], tick) -> None:
@@ -181,7 +180,7 @@ def _build_parallel(bank, slots: list[str], tick) -> None:
 
 
 def _worker_init(spec: dict):
-    from aqsearch.bank.core import Bank, BankConfig
+    from aqsearch.bank.records import BankConfig
     from aqsearch.curves import default_regressor
     from aqsearch.models import load_model
 
@@ -191,7 +190,7 @@ def _worker_init(spec: dict):
     loaded = load_model(spec["model"], device=dev)
     if loaded.fingerprint != spec["fingerprint"]:
         raise AqError(f"model {spec['model']} loaded in a worker is not the one the bank was made for")
-    return Bank(loaded.model, loaded.fingerprint, spec["calib"], config, spec["storage"],
+    return spec["cls"](loaded.model, loaded.fingerprint, spec["calib"], config, spec["storage"],
                 default_regressor() if config.steps and config.race else None, spec["heartbeat"])
 
 

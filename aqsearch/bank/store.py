@@ -56,7 +56,7 @@ class CandidateStore:
         """Read every finished unit's records (checked against their hash)."""
         import optuna
 
-        from aqsearch.bank.core import Candidate
+        from aqsearch.bank.records import Candidate
 
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             unit = t.user_attrs.get("unit")
