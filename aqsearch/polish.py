@@ -21,6 +21,11 @@ is what a bank of independently trained candidates could use (``benchmarks/compo
 Each block's result goes to the journal (``polish`` records, weights in the journal's folder), so
 that a resumed run keeps the blocks already trained.
 
+``device`` (block offload, :func:`aqsearch.capture.blocks_on`): the model stays where it is (the host,
+e.g. in bf16); the streams live on ``device`` and each block moves there (in ``dtype``, e.g. fp32) for its
+turn only, then back; the trained tensors come back to the model's device. An 8B model then never sits
+whole on a GPU.
+
 >>> # see tests/test_polish.py for a runnable example on a tiny model
 """
 
@@ -31,7 +36,7 @@ import time
 
 import torch
 
-from aqsearch.capture import Activations, progress
+from aqsearch.capture import Activations, blocks_on, progress
 from aqsearch.config import Plan
 from aqsearch.curves import CurveRegressor, early_stopper
 from aqsearch.data import TokenSet
@@ -53,8 +58,11 @@ def polish(
     desc: str = "training blocks",
     init: dict[str, QTensor] | None = None,
     stream: str = "trained",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, QTensor], dict]:
-    """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas)."""
+    """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas).
+    ``device``/``dtype``: block offload (see the module docstring)."""
     if stream not in ("trained", "rtn"):
         raise ValueError(f"stream must be 'trained' or 'rtn', not {stream!r}")
     t0 = time.time()
@@ -69,11 +77,12 @@ def polish(
                 done[r["block"]] = r
         if regressor is not None and done:
             regressor.refit([Curve.from_json(r["curve"]) for i, r in sorted(done.items()) if r.get("curve")])
-    acts = Activations.capture(model, calib.windows, batch=settings.batch)
+    home = next(model.parameters()).device
+    acts = Activations.capture(model, calib.windows, batch=settings.batch, device=device, dtype=dtype)
     out: dict[str, QTensor] = {}
     stats = {"steps": 0, "steps_full": 0, "blocks": [], "activations": acts.report()}
     with progress(len(blocks), desc, unit="block") as bar:
-        for i, blk in enumerate(blocks):
+        for i, blk in blocks_on(blocks, device, dtype):  # device None: the blocks stay where they are
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(f"model.layers.{i}.{sfx}")) is not None}
             y_fp = acts.run(blk, acts.x_fp)
             if i in done and (done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}
@@ -109,7 +118,7 @@ def polish(
             else:
                 q = {}
             for sfx, t in q.items():
-                out[f"model.layers.{i}.{sfx}"] = t
+                out[f"model.layers.{i}.{sfx}"] = t if device is None else _moved(t, home)
             if stream == "rtn":
                 weights = {f"{sfx}.weight": fake_quantize(blk.get_submodule(sfx).weight, s) for sfx, s in schemes.items()}
             else:
@@ -118,6 +127,10 @@ def polish(
             bar.update(1)
     stats["seconds"] = time.time() - t0
     return out, stats
+
+
+def _moved(q: QTensor, device: torch.device) -> QTensor:
+    return QTensor(q.codes.to(device), q.scale.to(device), q.zero.to(device), q.scheme)
 
 
 def _start_block(blk, i: int, schemes: dict, init: dict[str, QTensor]):
