@@ -39,7 +39,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -270,7 +269,7 @@ def random_llama(cfg: dict, gen_device: str, seed: int = 0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.copy_(torch.empty(p.shape, device=gen_device, dtype=torch.float32).normal_(0, 0.02, generator=g))
+                p.copy_(torch.empty(p.shape, device=gen_device, dtype=p.dtype).normal_(0, 0.02, generator=g))
             else:
                 p.fill_(1.0)  # RMSNorm weights
     if cfg.get("tie_word_embeddings"):
@@ -515,7 +514,7 @@ class Shape:
         ref_nll = torch.empty(hr.shape[0], hr.shape[1] - 1)
         with offloaded(self.model.lm_head, self.dev, self.dtype) as head:
             _stats(hr, None, head.weight, self.evalw, ref_nll)
-            ref = Reference(tokens, hr, head.weight.detach().cpu(), None, ref_nll, 0.0)
+            ref = Reference(tokens, hr, None, None, ref_nll, 0.0)  # summarize reads its NLL and tokens only
         t_ref = c.now() - t0
         rng = random.Random(0)
         plans = {"w4g64": Plan.uniform("w4g64"),
