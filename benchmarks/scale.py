@@ -628,7 +628,18 @@ class Shape:
         if "polish_block_s" in c:
             derived.update(polish_block_s_per_gparam=c["polish_block_s"] / gb,
                            polish_model_s=c["capture_s"] + c["blocks"] * c["polish_block_s"])
-        rec = {"costs": c, "derived": derived, "skipped": self.skipped,
+        a = self.args
+        provenance = {
+            "capture_s, stream_block_s": "measured (the embedding of every calibration window; blocks 0 and 1)",
+            "candidate_s": f"{a.validate}: measured to the end when it fit (see the bank record); the others: init, "
+                           f"RTN error, the racing prefix and {a.extra_steps} more steps measured, the remaining steps "
+                           f"extrapolated at the same cadence of held-out checks",
+            "prefix_s": "measured",
+            "reference_s, trial_s": "measured (trial_s: the mean of the plans timed)",
+            "polish_block_*": f"measured on the first {a.polish_blocks} block(s) (fewer if out of time) at "
+                              f"{a.polish_steps} steps; scaled to {a.steps} steps by its training part when they differ",
+            "estimate": "computed from costs by estimate(); model loading and host-side contention not included"}
+        rec = {"costs": c, "derived": derived, "provenance": provenance, "skipped": self.skipped,
                "resident_block_bytes_max": self.watch.max_bytes,
                "resident_blocks_max": self.watch.max_bytes / self.model_info["block_device_bytes"],
                "hook_calls": self.watch.calls, "wall_s": time.time() - self.t_start}
