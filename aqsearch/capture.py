@@ -11,6 +11,11 @@ Only the current block's tensors are held: ``[windows, seqlen, hidden]`` fp32 ea
 on the GPU while they fit under ``device_bytes``, else in CPU memory, else (beyond ``cpu_bytes``) in
 memory-mapped files in the cache folder. :attr:`Activations.report` says where they went and how much.
 
+Block offload (models that do not fit one GPU, or should not sit on it whole): the model stays on the
+host; ``Activations.capture(..., device=, dtype=)`` keeps the streams on ``device`` and
+:func:`blocks_on` moves each block there (in ``dtype``) only for its turn, so the device never holds
+more than one block's weights.
+
 >>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -22,6 +27,7 @@ memory-mapped files in the cache folder. :attr:`Activations.report` says where t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -69,10 +75,15 @@ class Activations:
 
     @classmethod
     def capture(cls, model: nn.Module, windows: torch.Tensor, batch: int = 8, device_bytes: int = 16 << 30,
-                cpu_bytes: int = 8 << 30) -> Activations:
-        """Embed ``windows[W, L]`` and stop at block 0, keeping its inputs and keyword arguments."""
+                cpu_bytes: int = 8 << 30, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> Activations:
+        """Embed ``windows[W, L]`` and stop at block 0, keeping its inputs and keyword arguments.
+
+        ``device`` (block offload): the embedding runs where the model lies; the streams and the keyword
+        arguments (floating ones in ``dtype``, when given) go to ``device``, where the blocks will run."""
         blocks = decoder_blocks(model)
-        dev = next(model.parameters()).device
+        src = next(model.parameters()).device
+        dev = src if device is None else torch.device(device)
         w, l = windows.shape
         d = model.config.hidden_size
         used: dict = {}
@@ -89,7 +100,7 @@ class Activations:
             with torch.no_grad():
                 for i in range(w):
                     try:
-                        model(input_ids=windows[i : i + 1].to(dev), use_cache=False)
+                        model(input_ids=windows[i : i + 1].to(src), use_cache=False)
                     except _Stop:
                         pass
                     x[i] = kw.pop("_hidden")[0].float().to(x.device)
@@ -99,6 +110,8 @@ class Activations:
         for k in ("past_key_values", "cache", "past_key_value"):
             kw.pop(k, None)
         kw["use_cache"] = False
+        if device is not None:
+            kw = {k: _moved(v, dev, dtype) for k, v in kw.items()}
         xq = _storage((w, l, d), dev, device_bytes, cpu_bytes, used)
         xq.copy_(x)
         return cls(x, xq, kw, dev, batch, 0, used)
@@ -147,6 +160,55 @@ class Activations:
             self.run(block, self.x_fp, out=self.x_fp)
         self.run(block, self.x_q, out=self.x_q, weights=weights)
         self.block += 1
+
+
+def _moved(v: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """A keyword argument on ``device``: tensors (floating ones in ``dtype``), and tuples of them (RoPE's cos, sin)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_moved(x, device, dtype) for x in v)
+    return v
+
+
+@contextlib.contextmanager
+def offloaded(module: nn.Module, device: torch.device | str | None, dtype: torch.dtype | None = None):
+    """``module`` on ``device`` (floating tensors in ``dtype``) inside; after (even on error) it holds its own
+    host tensors again, exactly as before: nothing is copied back, and changes made there are dropped.
+    The move crosses the bus in the host dtype (a bf16 copy: half of fp32's bytes) and casts on the device.
+    ``device=None``: nothing moves."""
+    if device is None or next(module.parameters(), None) is None:
+        yield module
+        return
+    params = [(p, p.data) for p in module.parameters()]
+    bufs = [(m, k, b) for m in module.modules() for k, b in m._buffers.items() if b is not None]
+    module.to(device=device)
+    if dtype is not None:
+        module.to(dtype=dtype)
+    try:
+        yield module
+    finally:
+        for p, d in params:
+            p.data = d
+        for m, k, b in bufs:
+            m._buffers[k] = b
+
+
+def blocks_on(blocks, device: torch.device | str | None, dtype: torch.dtype | None = None):
+    """``(i, block)`` for each block, the block on ``device`` (in ``dtype``) until the next one is asked for:
+    at most one block's weights on the device at a time (block offload). ``device=None``: nothing moves.
+
+    >>> from torch import nn
+    >>> blocks = nn.ModuleList([nn.Linear(2, 2).bfloat16() for _ in range(3)])
+    >>> [(i, b.weight.dtype, sum(x.weight.dtype == torch.float32 for x in blocks))
+    ...  for i, b in blocks_on(blocks, "cpu", torch.float32)][1]
+    (1, torch.float32, 1)
+    >>> {b.weight.dtype for b in blocks}
+    {torch.bfloat16}
+    """
+    for i, blk in enumerate(blocks):
+        with offloaded(blk, device, dtype):
+            yield i, blk
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any],

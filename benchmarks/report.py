@@ -219,9 +219,97 @@ def plan_rank_table() -> str:
     return "\n".join(lines)
 
 
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f}" if n else "-"
+
+
+def scale_rows(recs: list[dict]) -> str:
+    """benchmarks/scale.py: the newest run of each (machine, mode): costs by shape, then the end-to-end estimate."""
+    recs = [r for r in recs if r.get("bench") == "scale"]
+    last: dict[tuple, str] = {}
+    for r in recs:
+        last[(r["env"]["machine"], r["mode"])] = r["run"]
+    out = ["| machine | mode | shape | params | blocks | stream s/block | candidate s (menu mean, min-max) | "
+           "prefix s | candidate s / G block params | bank GPU peak GiB | host peak RSS GiB | record B (weights B) | "
+           "trial s (tokens) | polish s/block (blocks) | polish whole model s | polish GPU peak GiB | blocks resident |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    est, per_scheme = [], []
+    for (machine, mode), run in last.items():
+        by = {(r["shape"], r["stage"]): r for r in recs if r["run"] == run and r["env"]["machine"] == machine}
+        shapes = sorted({k[0] for k in by}, key=lambda n: by[(n, "build")]["model"]["params"] if (n, "build") in by else 0)
+        for n in shapes:
+            b, st, bk, sy, po, e = (by.get((n, k), {}) for k in ("build", "stream", "bank", "study", "polish", "estimate"))
+            info = (b or e).get("model", {})
+            cs = [x["candidate_s"] for x in bk.get("schemes", {}).values()]
+            pre = [x["prefix_s"] for x in bk.get("schemes", {}).values()]
+            d = e.get("derived", {})
+            f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"  # noqa: E731
+            cand = f"{sum(cs) / len(cs):.2f} ({min(cs):.2f}-{max(cs):.2f})" if cs else "-"
+            rec_b = (f"{bk['record_json_bytes_mean']:,.0f} ({bk['weights_bytes_unpacked_mean']:,.0f})" if bk else "-")
+            trial = f"{sy['trial_s']:.2f} ({sy['eval_tokens']:,})" if sy else "-"
+            pol = f"{po['per_block_full_steps_s']:.2f} ({po['blocks_polished']})" if po else "-"
+            host_peak = max([x.get("memory", {}).get("host_peak_rss_bytes", 0) for x in (b, st, sy, po)] +
+                            [x.get("host_peak_rss_bytes", 0) for x in bk.get("schemes", {}).values()])
+            npar = info.get("params", 0)
+            size = f"{npar / 1e9:.2f} G" if npar >= 1e9 else f"{npar / 1e6:.1f} M"
+            out.append(f"| {machine} | {mode} | {n} | {size} | {info.get('config', {}).get('num_hidden_layers', '-')} | "
+                       f"{f(sum(st['stream_block_s']) / len(st['stream_block_s']) if st else None, '.2f')} | "
+                       f"{cand} | {f(sum(pre) / len(pre) if pre else None, '.2f')} | {f(d.get('candidate_s_per_gparam'), ',.0f')} | "
+                       f"{_gib(bk.get('gpu_peak_bytes_max'))} | {_gib(host_peak)} | {rec_b} | {trial} | {pol} | "
+                       f"{f(d.get('polish_model_s'), ',.0f')} | {_gib(po.get('memory', {}).get('gpu_peak_bytes'))} | "
+                       f"{f(e.get('resident_blocks_max'), '.2f')} |")
+            if bk:
+                per_scheme.append((machine, mode, n, bk["schemes"]))
+            if n == "8b" and e.get("estimate") and mode == "full":  # a small run's estimate means nothing
+                est.append((machine, mode, e))
+    menu = list(dict.fromkeys(sch for *_, rows in per_scheme for sch in rows))
+    if per_scheme:
+        out += ["", "Seconds a candidate, by scheme (at the run's steps; * measured to the end, the others extrapolated; in brackets "
+                "the racing prefix):", "", "| machine | mode | shape | " + " | ".join(menu) + " | extrapolation check |",
+                "|---|---|---|" + "---:|" * len(menu) + "---|"]
+        for machine, mode, n, rows in per_scheme:
+            cells = []
+            for sch in menu:
+                x = rows.get(sch)
+                cells.append("-" if x is None else f"{x['candidate_s']:.2f}{'*' if x['candidate_s_measured'] else ''} "
+                                                   f"({x['prefix_s']:.2f})")
+            chk = [f"{sch}: extrapolated {x['candidate_s_extrapolated']:.2f} against {x['candidate_s_measured']:.2f}"
+                   for sch, x in rows.items() if x["candidate_s_measured"]]
+            out.append(f"| {machine} | {mode} | {n} | " + " | ".join(cells) + f" | {'; '.join(chk) or '-'} |")
+    if not est:
+        return "\n".join(out)
+    out += ["", "End-to-end estimate for the 8B shape (seconds; one process a GPU; `today`: 200 trials each one held-out "
+            "evaluation, polish at 200 steps; `lean`: trials scored from bank scores, polish at 50 steps; both race 10 "
+            "plans at 20 % and polish the top 5 plans and the uniform hull of 8 schemes):", "",
+            "| machine | mode | pipeline | hosts x GPUs | bank | study | plan racing | polish | total | hours |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for machine, mode, e in est:
+        for name, v in e["estimate"].items():
+            for r in v["rows"]:
+                out.append(f"| {machine} | {mode} | {name} | {r['hosts']} x {r['gpus_per_host']} | {r['bank_s']:,.0f} | "
+                           f"{r['study_s']:,.0f} | {r['race_s']:,.0f} | {r['polish_s']:,.0f} | {r['total_s']:,.0f} | "
+                           f"{r['total_s'] / 3600:.2f} |")
+            vd = v["verdict_4gpu"]
+            if vd["within"]:
+                notes.append(f"{machine} ({mode}), `{name}` on 4 GPUs: within {vd['target_s'] / 3600:.0f} h.")
+            else:
+                must = vd["dominant_must_lose"]
+                how = (f"it must lose {100 * must:.0f} % ({vd['dominant_speedup_needed']:.1f}x faster)" if must < 1
+                       else "even removing it would not be enough")
+                notes.append(f"{machine} ({mode}), `{name}` on 4 GPUs: {vd['over_s'] / 3600:.2f} h over "
+                             f"{vd['target_s'] / 3600:.0f} h; the {vd['dominant']} stage dominates and {how}.")
+    return "\n".join(out + [""] + notes)
+
+
+def scale_table() -> str:
+    return scale_rows(read_results(RESULTS / "scale.jsonl"))
+
+
 TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
-                                        "compose_gap": compose_gap_table, "plan_rank": plan_rank_table}
+                                        "compose_gap": compose_gap_table, "plan_rank": plan_rank_table,
+                                        "scale": scale_table}
 
 
 def _pattern(name: str) -> re.Pattern:
