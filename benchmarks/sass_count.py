@@ -32,9 +32,16 @@ OLD_SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32",
 NEW_SIG = {a: t for a, t in OLD_SIG.items() if a not in ("M", "stride_xm")}
 
 
-def sass(fn, sig, consts, num_warps):
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+# Arguments a real launch on the Llama shapes specializes as multiples of 16 (Triton's "D" key: every
+# pointer is 16-byte aligned; N, K, the zero words, strides and the K-slice are multiples of 16).
+ALIGNED = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "lock_ptr", "N", "K", "n_lo", "ZW", "stride_xm",
+           "stride_om", "k_per_split")
+
+
+def sass(fn, sig, consts, num_warps, aligned=True):
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if aligned and a in ALIGNED}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
