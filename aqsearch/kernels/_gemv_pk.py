@@ -304,15 +304,18 @@ def _word3(lw, hw, xw, c0, c4, a0, a1, a2, a3, HALF: tl.constexpr, S: tl.constex
     return a0, a1, a2, a3
 
 
+# (a0 + a1) + (a2 + a3) in f16x2, then lane0 + lane1 in fp32: $0 fp32 out, $1..$4 the accumulators
+FLUSH_ASM = tl.constexpr(
+    "{\n.reg .b32 t, u;\n.reg .f16 l, h;\n.reg .f32 fl, fh;\n"
+    "add.rn.f16x2 t, $1, $2;\nadd.rn.f16x2 u, $3, $4;\nadd.rn.f16x2 t, t, u;\n"
+    "mov.b32 {l, h}, t;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 $0, fl, fh;\n}\n")
+
+
 @triton.jit
 def _flush(a0, a1, a2, a3, ASM: tl.constexpr):
     """fp32 ``[BN]``: lane0 + lane1 of ``(a0 + a1) + (a2 + a3)`` (f16x2 sums, then fp32)."""
     if ASM:
-        r = tl.inline_asm_elementwise(
-            "{\n.reg .b32 t, u;\n.reg .f16 l, h;\n.reg .f32 fl, fh;\n"
-            "add.rn.f16x2 t, $1, $2;\nadd.rn.f16x2 u, $3, $4;\nadd.rn.f16x2 t, t, u;\n"
-            "mov.b32 {l, h}, t;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 $0, fl, fh;\n}\n",
-            "=r,r,r,r,r", [a0, a1, a2, a3], tl.float32, True, 1)
+        r = tl.inline_asm_elementwise(FLUSH_ASM, "=r,r,r,r,r", [a0, a1, a2, a3], tl.float32, True, 1)
     else:
         one = 0x3C003C00
         t = _fma2(a0, one, a1)
@@ -432,9 +435,9 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             for r2 in tl.static_range(BKS // 32):
                 rr = k0 // 32 + r2
                 if MASKED:
-                    le = tl.load(wl, mask=(2 * rr < n_lo) & cmask, other=0)
-                    lo = tl.load(wl + N, mask=(2 * rr + 1 < n_lo) & cmask, other=0)
-                    hw = tl.load(wh, mask=(rr < (K + 31) // 32) & cmask, other=0)
+                    le = tl.load(wl, mask=(cols * 0 + 2 * rr < n_lo) & cmask, other=0)
+                    lo = tl.load(wl + N, mask=(cols * 0 + 2 * rr + 1 < n_lo) & cmask, other=0)
+                    hw = tl.load(wh, mask=(cols * 0 + rr < (K + 31) // 32) & cmask, other=0)
                 else:
                     le = tl.load(wl)
                     lo = tl.load(wl + N)
@@ -457,7 +460,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
             for r in tl.static_range(R):
                 if MASKED:
-                    w = tl.load(wp, mask=(k0 // PW + r < (K + PW - 1) // PW) & cmask, other=0)
+                    w = tl.load(wp, mask=(cols * 0 + (k0 // PW + r) < (K + PW - 1) // PW) & cmask, other=0)
                 else:
                     w = tl.load(wp)
                 wp += N
