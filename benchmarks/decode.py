@@ -103,6 +103,27 @@ class Decoder:
         return torch.cat(toks, 1).tolist(), secs
 
 
+def step_launches(model, batch: int) -> dict:
+    """Launches of one eager decode step outside the matmuls (``aqsearch.fastpath.count_launches``), by op."""
+    from aqsearch import fastpath
+    from aqsearch.quantlinear import QuantLinear
+
+    dec = Decoder(model, batch, 8, graphs=False)
+    with torch.no_grad():
+        dec.prefill(torch.zeros(batch, 1, dtype=torch.long, device=dec.dev))
+        n = fastpath.count_launches(dec._step, model, (QuantLinear, torch.nn.Linear))
+    return dict(n)
+
+
+def step_bytes(model) -> int:
+    """Bytes a batch-1 step must read at least: every parameter and buffer once (matmul weights, norms,
+    packed codes, scales, zeros), the embedding table's one row instead of the table."""
+    emb = model.get_input_embeddings().weight
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if t is not emb)
+    return total + emb.shape[1] * emb.element_size()
+
+
 def run_one(model, prompt, new_tokens: int, graphs: bool) -> dict:
     dec = Decoder(model, prompt.shape[0], prompt.shape[1] + new_tokens + 4, graphs)
     dec.prefill(prompt)
@@ -170,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-graphs", action="store_true", help="eager steps (the CPU path)")
+    ap.add_argument("--no-fuse", action="store_true", help="HF's stock RMSNorm, rotary and MLP (no fused kernels)")
+    ap.add_argument("--copy-gbps", type=float, default=None, help="copy bandwidth for the bounds (default: measured)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode.jsonl"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--run", default="", help="run id stored with every record")
@@ -199,9 +222,25 @@ def main(argv=None) -> int:
     vocab = base.config.vocab_size
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(args.device) for b in batches}
     mem_fp16 = plan_bytes(base, None)
+    from aqsearch import fastpath
+
+    sys.path.insert(0, HERE)
+    from matmul import copy_bandwidth
+
+    bw = args.copy_gbps or copy_bandwidth()
+    base_bytes = step_bytes(base)
+    stock = {}
+    if not args.no_fuse:  # fp16 with HF's stock modules first, then fused (what the quantized models run)
+        stock = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}
+        stock_launch = step_launches(base, 1)
+        log(f"{name} stock: {sum(stock_launch.values())} launches a step besides the matmuls; "
+            + ", ".join(f"batch {b} {stock[b]['tokens_per_s']:.0f} tok/s" for b in batches))
+        log(f"fused: {fastpath.fuse_llama(base)}")
+    base_launch = step_launches(base, 1)
     refs = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
     for b in batches:
-        log(f"{name} {str(dtype)[6:]} batch {b}: {refs[b]['tokens_per_s']:.0f} tok/s")
+        log(f"{name} {str(dtype)[6:]} batch {b}: {refs[b]['tokens_per_s']:.0f} tok/s ({sum(base_launch.values())} "
+            f"launches a step besides the matmuls; bound {bw * 1e9 / base_bytes:.0f} tok/s at {bw:.0f} GB/s)")
     for sch in schemes:
         plan = Plan.load(sch) if args.plan else Plan.uniform(sch)
         mem_q = plan_bytes(base, plan)
@@ -209,6 +248,10 @@ def main(argv=None) -> int:
         qmodel = copy.deepcopy(base)
         materialize(qmodel, plan, dtype=dtype)  # in place: QuantLinear in each governed Linear's place
         packed = pack_int_zeros(qmodel)
+        if not args.no_fuse:
+            fastpath.fuse_llama(qmodel)
+        q_bytes = step_bytes(qmodel)
+        q_launch = step_launches(qmodel, 1)
         log(f"materialized {sch} in {time.time() - t1:.1f} s ({packed} layers' fp16 zeros packed as integers)")
         for b in batches:
             ref = refs[b]
@@ -227,7 +270,19 @@ def main(argv=None) -> int:
                    "base_ms_per_step": round(ref["ms_per_step"], 4), "quant_ms_per_step": round(got["ms_per_step"], 4),
                    "greedy_agreement": round(same / (b * args.new_tokens), 4),
                    "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
-                   "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel))}
+                   "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel)),
+                   "fused": not args.no_fuse, "copy_gbps": round(bw, 1),
+                   "base_step_bytes": base_bytes, "quant_step_bytes": q_bytes,
+                   "base_bound_tokens_per_s": round(b * bw * 1e9 / base_bytes, 1),
+                   "quant_bound_tokens_per_s": round(b * bw * 1e9 / q_bytes, 1),
+                   "base_frac_of_bound": round(ref["tokens_per_s"] / (b * bw * 1e9 / base_bytes), 4),
+                   "quant_frac_of_bound": round(got["tokens_per_s"] / (b * bw * 1e9 / q_bytes), 4),
+                   "base_launches_per_step": sum(base_launch.values()), "quant_launches_per_step": sum(q_launch.values()),
+                   "launches": q_launch}
+            if stock:
+                rec.update({"base_stock_tokens_per_s": round(stock[b]["tokens_per_s"], 1),
+                            "speedup_vs_stock_fp16": round(got["tokens_per_s"] / stock[b]["tokens_per_s"], 3),
+                            "base_stock_launches_per_step": sum(stock_launch.values())})
             append_result(args.out, rec)
             print(f"{name} batch {b}: {rec['dtype']} {rec['base_tokens_per_s']:.0f} tok/s, {sch} "
                   f"{rec['quant_tokens_per_s']:.0f} tok/s (x{rec['speedup']:.2f}), greedy agreement "
