@@ -400,12 +400,17 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                    BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
-                   ASM0: tl.constexpr, ASM1: tl.constexpr):
+                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False):
     """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
 
     Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
     multiple of 32). ``S = shift_for(BITS, BKS)``; ``ASM0``/``ASM1``: the PTX text (``asm_w24``,
     ``asm_w8``, ``asm_w3`` for the two halves), used when ``ASM``.
+
+    ``PDL`` (launched with ``launch_pdl=True``, GPU only): programmatic dependent launch. The program
+    lets the next kernel launch at once, loads its first tile's words (they do not depend on the kernel
+    before: they warm L1/L2 while that one finishes), then waits for the previous grid before it reads
+    x or touches the split-K workspace and counters (which the previous kernel may still be reducing).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -415,6 +420,20 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     k_end = tl.minimum(K, k_start + k_per_split)
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
     a = tl.zeros([BN], dtype=tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        pf = tl.zeros([BN], dtype=tl.int32)  # the first tile's words, loaded before the wait
+        NPF: tl.constexpr = (BKS // 16 + BKS // 32) if BITS == 3 else BKS // (32 // BITS)
+        r0 = k_start // 16 if BITS == 3 else k_start // (32 // BITS)
+        nrows = n_lo + (K + 31) // 32 if BITS == 3 else (K * BITS + 31) // 32
+        for r in tl.static_range(NPF):
+            if BITS == 3 and r >= BKS // 16:
+                row = n_lo + k_start // 32 + (r - BKS // 16)
+            else:
+                row = r0 + r
+            pf |= tl.load(w_ptr + row * N + cols, mask=(cols * 0 + row < nrows) & cmask, other=0)
+        tl.extra.cuda.gdc_wait()
+        a += (pf & 0x3FFFFFFF).to(tl.float32, bitcast=True) * 0.0  # keeps the loads (finite: adds 0)
     for k0 in range(k_start, k_end, BKS):
         gi = k0 // GROUP
         if EVEN_N:

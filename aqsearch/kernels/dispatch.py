@@ -115,6 +115,7 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
                 c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split}
                 if c not in pk:
                     pk.append(c)
+            pk += [dict(c, pdl=True) for c in pk[:2]]  # programmatic dependent launch (sm_90+; else ignored)
             out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:

@@ -147,14 +147,22 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
     s = _gemv_pk.shift_for(bits, bks)
     use_asm = pk_asm_enabled()
     a0, a1 = _pk_asm(bits, s) if use_asm else ("", "")
+    pdl = {"PDL": True, "launch_pdl": True} if cfg.get("pdl") and pdl_enabled() and x.is_cuda else {}
     _gemv_pk.gemv_pk_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
         EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
-        num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
+        num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1), **pdl,
     )
     return out
+
+
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch for configs with ``"pdl": True`` (sm_90+), unless ``AQSEARCH_PDL=0``."""
+    if interpreting() or os.environ.get("AQSEARCH_PDL", "1") in ("0", "false", "off"):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
 
 
 def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
