@@ -1,9 +1,12 @@
-"""The decode step's non-matmul work in fewer launches, for Llama-family models in transformers.
+"""The decode step in fewer launches, for Llama-family models in transformers.
 
 :func:`fuse_llama` swaps, in place, each RMSNorm's forward for :func:`aqsearch.kernels._fused.rmsnorm`
 (one launch instead of ~7), each SiLU MLP's ``silu(gate) * up`` for one launch, and transformers'
 ``apply_rotary_pos_emb`` for one launch that rotates q and k in place (instead of ~12). Where Triton
 cannot run (CPU tensors outside the interpreter), each falls back to the torch code it replaced.
+With ``matmuls=True`` it also concatenates q/k/v and gate/up (``nn.Linear`` or ``QuantLinear`` of one
+scheme, the packed layout concatenated along N) so that a layer runs 4 matmuls instead of 7: the same
+bytes, 3 fewer launches and their fixed cost.
 :func:`count_launches` counts what a step launches besides the matmuls: aten ops that compute
 (views, aliases and allocations left out) plus the fused Triton launches; ``tests/kernels/test_fused.py``
 holds a decode step of a tiny Llama to a fixed count with it.
@@ -30,17 +33,117 @@ def _mlp_forward(self, x):
     return self.down_proj(_fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
+def _mlp_forward_fused(self, x):
+    y = self.gate_up_proj(x)
+    i = y.shape[-1] // 2
+    return self.down_proj(_fused.silu_mul(y[..., :i], y[..., i:]))
+
+
+def cat_linears(mods):
+    """One matmul module for several of one input (``nn.Linear``s, or ``QuantLinear``s of one scheme):
+    outputs concatenated in order. Exact: the packed codes, scales and zeros of each column are kept."""
+    from aqsearch.kernels import pack_zeros, unpack_zeros
+    from aqsearch.quantlinear import QuantLinear
+
+    m0 = mods[0]
+    n = sum(m.out_features for m in mods)
+    bias = None if m0.bias is None else torch.cat([m.bias for m in mods])
+    if isinstance(m0, QuantLinear):
+        if any(not isinstance(m, QuantLinear) or m.scheme != m0.scheme or m.in_features != m0.in_features for m in mods):
+            return None
+        out = QuantLinear(m0.in_features, n, m0.scheme, bias=bias is not None, dtype=bias.dtype if bias is not None
+                          else torch.float16, device=m0.qweight.device)
+        out.qweight = torch.cat([m.qweight for m in mods], 1)
+        out.scales = torch.cat([m.scales for m in mods], 1)
+        if m0.zeros is not None:
+            if m0.zeros.dtype == torch.int32:  # packed along N: unpack, concatenate, pack (3 bits: two planes)
+                b = m0.scheme.bits
+                out.zeros = pack_zeros(torch.cat([unpack_zeros(m.zeros, b, m.out_features) for m in mods], 1), b)
+            else:
+                out.zeros = torch.cat([m.zeros for m in mods], 1)
+        if bias is not None:
+            out.bias = bias
+        out.backend, out.cache_weight = m0.backend, m0.cache_weight
+        return out
+    if type(m0) is not torch.nn.Linear or any(type(m) is not torch.nn.Linear for m in mods):
+        return None
+    out = torch.nn.Linear(m0.in_features, n, bias=bias is not None, device=m0.weight.device, dtype=m0.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in mods], 0))
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+class FusedLinear(torch.nn.Module):
+    """Stands in for the first of several Linears of one input: computes all their outputs in one matmul,
+    returns the first and keeps the others (views) for the :class:`TakeSlice` modules in their places."""
+
+    def __init__(self, mm, sizes):
+        super().__init__()
+        self.mm, self.sizes = mm, list(sizes)
+        self._x = self._parts = None
+
+    def forward(self, x):
+        parts = self.mm(x).split(self.sizes, -1)
+        self._x, self._parts = x, parts
+        return parts[0]
+
+    def take(self, i, x):
+        if self._parts is None or self._x is not x:  # called on another input: compute it
+            return self.mm(x).split(self.sizes, -1)[i]
+        part = self._parts[i]
+        if i == len(self.sizes) - 1:
+            self._x = self._parts = None
+        return part
+
+
+class TakeSlice(torch.nn.Module):
+    """Output ``i`` of a :class:`FusedLinear` (a Linear of the same input, fused into it)."""
+
+    def __init__(self, fused, i):
+        super().__init__()
+        object.__setattr__(self, "_fused", fused)  # not a submodule: its weights are counted once
+        self.i = i
+
+    def forward(self, x):
+        return self._fused.take(self.i, x)
+
+
+def _fuse_matmuls(mod, n) -> None:
+    if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj")) and not isinstance(mod.q_proj, FusedLinear):
+        parts = [mod.q_proj, mod.k_proj, mod.v_proj]
+        mm = cat_linears(parts)
+        if mm is not None:
+            f = FusedLinear(mm, [p.out_features for p in parts])
+            mod.q_proj, mod.k_proj, mod.v_proj = f, TakeSlice(f, 1), TakeSlice(f, 2)
+            n["qkv"] += 1
+    if _is_silu_mlp(mod) and not hasattr(mod, "gate_up_proj") and mod.gate_proj.out_features == mod.up_proj.out_features:
+        mm = cat_linears([mod.gate_proj, mod.up_proj])
+        if mm is not None:
+            mod.gate_up_proj = mm
+            del mod.gate_proj, mod.up_proj
+            mod.forward = types.MethodType(_mlp_forward_fused, mod)
+            n["gate_up"] += 1
+
+
 def _is_silu_mlp(mod) -> bool:
     act = getattr(getattr(mod, "config", None), "hidden_act", None)
     return all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")) and act in ("silu", "swish")
 
 
-def fuse_llama(model) -> dict[str, int]:
-    """Patch ``model`` (in place) and transformers' Llama rotary function; returns what was patched."""
+def fuse_llama(model, matmuls: bool = False) -> dict[str, int]:
+    """Patch ``model`` (in place) and transformers' Llama rotary function; returns what was patched.
+    ``matmuls``: also q/k/v and gate/up as one matmul each (not undone by :func:`unfuse_llama`)."""
     from transformers.models.llama import modeling_llama as ml
 
     n: collections.Counter = collections.Counter()
+    if matmuls:
+        for mod in list(model.modules()):
+            _fuse_matmuls(mod, n)
     for mod in model.modules():
+        if hasattr(mod, "gate_up_proj"):
+            continue
         if type(mod).__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
             mod.forward = types.MethodType(_norm_forward, mod)
             n["rmsnorm"] += 1
@@ -60,7 +163,8 @@ def unfuse_llama(model) -> None:
 
     for mod in model.modules():
         if isinstance(mod.__dict__.get("forward"), types.MethodType) and mod.forward.__func__ in (_norm_forward,
-                                                                                                  _mlp_forward):
+                                                                                                  _mlp_forward) \
+                and not hasattr(mod, "gate_up_proj"):
             del mod.forward
     if "rotary" in _ORIG:
         ml.apply_rotary_pos_emb = _ORIG.pop("rotary")

@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-graphs", action="store_true", help="eager steps (the CPU path)")
     ap.add_argument("--no-fuse", action="store_true", help="HF's stock RMSNorm, rotary and MLP (no fused kernels)")
+    ap.add_argument("--no-fuse-matmuls", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
     ap.add_argument("--copy-gbps", type=float, default=None, help="copy bandwidth for the bounds (default: measured)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode.jsonl"))
     ap.add_argument("--tag", default="")
@@ -236,8 +237,15 @@ def main(argv=None) -> int:
         log(f"{name} stock: {sum(stock_launch.values())} launches a step besides the matmuls; "
             + ", ".join(f"batch {b} {stock[b]['tokens_per_s']:.0f} tok/s" for b in batches))
         log(f"fused: {fastpath.fuse_llama(base)}")
-    base_launch = step_launches(base, 1)
-    refs = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
+    mm = not (args.no_fuse or args.no_fuse_matmuls)
+    if mm:  # the fused q/k/v and gate/up shapes are not in benchmarks/matmul.py's grid: no tuning during warm-up
+        os.environ.setdefault("AQSEARCH_AUTOTUNE", "0")
+    fbase = copy.deepcopy(base) if mm else base
+    if mm:
+        log(f"fused matmuls: {fastpath.fuse_llama(fbase, matmuls=True)}")
+    base_launch = step_launches(fbase, 1)
+    refs = {b: run_one(fbase, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
+    del fbase
     for b in batches:
         log(f"{name} {str(dtype)[6:]} batch {b}: {refs[b]['tokens_per_s']:.0f} tok/s ({sum(base_launch.values())} "
             f"launches a step besides the matmuls; bound {bw * 1e9 / base_bytes:.0f} tok/s at {bw:.0f} GB/s)")
@@ -248,8 +256,9 @@ def main(argv=None) -> int:
         qmodel = copy.deepcopy(base)
         materialize(qmodel, plan, dtype=dtype)  # in place: QuantLinear in each governed Linear's place
         packed = pack_int_zeros(qmodel)
+        n_layers = len(layer_infos(qmodel))  # before q/k/v and gate/up are fused
         if not args.no_fuse:
-            fastpath.fuse_llama(qmodel)
+            fastpath.fuse_llama(qmodel, matmuls=mm)
         q_bytes = step_bytes(qmodel)
         q_launch = step_launches(qmodel, 1)
         log(f"materialized {sch} in {time.time() - t1:.1f} s ({packed} layers' fp16 zeros packed as integers)")
@@ -270,8 +279,8 @@ def main(argv=None) -> int:
                    "base_ms_per_step": round(ref["ms_per_step"], 4), "quant_ms_per_step": round(got["ms_per_step"], 4),
                    "greedy_agreement": round(same / (b * args.new_tokens), 4),
                    "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
-                   "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel)),
-                   "fused": not args.no_fuse, "copy_gbps": round(bw, 1),
+                   "base_bytes_total": mem_fp16.bytes_total, "layers": n_layers,
+                   "fused": not args.no_fuse, "fused_matmuls": mm, "copy_gbps": round(bw, 1),
                    "base_step_bytes": base_bytes, "quant_step_bytes": q_bytes,
                    "base_bound_tokens_per_s": round(b * bw * 1e9 / base_bytes, 1),
                    "quant_bound_tokens_per_s": round(b * bw * 1e9 / q_bytes, 1),

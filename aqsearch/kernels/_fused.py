@@ -134,23 +134,31 @@ def rotary_qk(q, k, cos, sin, unsqueeze_dim=1):
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, sg, su, so, BLOCK: tl.constexpr):
+    """Row ``program_id(0)``, columns of block ``program_id(1)``: ``o = silu(g) * u`` (row strides sg, su, so)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    g = tl.load(g_ptr + offs, mask=m, other=0.0)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0)
+    g = tl.load(g_ptr + row * sg + offs, mask=m, other=0.0)
+    u = tl.load(u_ptr + row * su + offs, mask=m, other=0.0)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu on fp16: fp32 inside, one rounding
-    tl.store(o_ptr + offs, (a.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(o_ptr + row * so + offs, (a.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``F.silu(g) * u`` in one launch (contiguous, same shape and dtype)."""
-    if not (triton_ok(g, u) and g.shape == u.shape and g.dtype == u.dtype and g.is_contiguous() and u.is_contiguous()):
+    """``F.silu(g) * u`` in one launch (same shape and dtype, unit stride along the last dimension; the rows
+    may be strided, e.g. the two halves of one fused gate/up output)."""
+    ok = triton_ok(g, u) and g.shape == u.shape and g.dtype == u.dtype and g.stride(-1) == 1 and u.stride(-1) == 1
+    if ok:
+        n = g.shape[-1]
+        g2, u2 = g.reshape(-1, n), u.reshape(-1, n)  # views where the leading dimensions merge
+        ok = g2.stride(-1) == 1 and u2.stride(-1) == 1
+    if not ok:
         return torch.nn.functional.silu(g) * u
-    out = torch.empty_like(g)
-    n = g.numel()
+    out = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
     blk = 1024
     with _launching("silu_mul"):
-        _silu_mul_kernel[(triton.cdiv(n, blk),)](g, u, out, n, BLOCK=blk, num_warps=4)
-    return out
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, blk))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
+                                                           BLOCK=blk, num_warps=4)
+    return out.view(g.shape)

@@ -60,7 +60,7 @@ def test_silu_mul_is_silu_times_up():
     torch.testing.assert_close(_fused.silu_mul(a, u), torch.nn.functional.silu(a) * u, rtol=2e-3, atol=2e-3)
 
 
-def _tiny(layers):
+def _tiny(layers, scheme="w4g128"):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks"))
     import decode
     from aqsearch.config import Plan
@@ -71,7 +71,8 @@ def _tiny(layers):
     for mod in model.modules():  # norm weights other than ones: a fused norm that drops them shows
         if type(mod).__name__.endswith("RMSNorm"):
             mod.weight.data = 1 + 0.3 * torch.randn(mod.weight.shape, generator=g)
-    materialize(model, Plan.uniform("w4g128"), dtype=torch.float32)
+    if scheme:
+        materialize(model, Plan.uniform(scheme), dtype=torch.float32)
     return decode, model
 
 
@@ -127,3 +128,34 @@ def test_decode_step_launch_count():
     assert stock_layer >= per_layer + 20, (stock_layer, per_layer)
     assert fused2["triton:rmsnorm"] == 2 * 2 + 1 and fused2["triton:rotary"] == 2 and fused2["triton:silu_mul"] == 2
     torch.testing.assert_close(l_fused, l_stock, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ("w3g128", "w4g64", "w8g128s", None), ids=("w3g128", "w4g64", "w8g128s", "fp32"))
+def test_fused_matmuls_are_exact_and_four_a_layer(scheme):
+    """``fuse_llama(matmuls=True)``: q/k/v and gate/up as one matmul each (QuantLinear packed along N, 3-bit
+    zero planes and symmetric schemes included; plain ``nn.Linear`` for the fp32 model). Same logits as the
+    unfused model, 4 matmul calls a layer instead of 7, the same bytes. Catches zeros concatenated word-wise
+    across the 3-bit planes, outputs split in the wrong order (k for v), or a slice served for another input."""
+    from aqsearch.quantlinear import QuantLinear
+
+    _, model = _tiny(2, scheme)
+    tok = torch.tensor([[5, 7, 11, 13, 17]])
+    size = lambda: sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))  # noqa: E731
+    before = size()
+    with torch.no_grad():
+        ref = model(input_ids=tok).logits
+    n = fastpath.fuse_llama(model, matmuls=True)
+    try:
+        assert n["qkv"] == 2 and n["gate_up"] == 2
+        calls = []
+        hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules()
+                 if isinstance(m, (QuantLinear, torch.nn.Linear))]
+        with torch.no_grad():
+            got = model(input_ids=tok).logits
+        for h in hooks:
+            h.remove()
+        assert len(calls) == 2 * 4 + 1  # + the LM head
+        assert size() == before
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        fastpath.unfuse_llama(model)
