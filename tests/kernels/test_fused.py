@@ -138,8 +138,11 @@ def test_fused_matmuls_are_exact_and_four_a_layer(scheme):
     across the 3-bit planes, outputs split in the wrong order (k for v), or a slice served for another input."""
     from aqsearch.quantlinear import QuantLinear
 
+    import copy
+
     _, model = _tiny(2, scheme)
     tok = torch.tensor([[5, 7, 11, 13, 17]])
+    k_ref = copy.deepcopy(model.model.layers[0].self_attn.k_proj)
     size = lambda: sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))  # noqa: E731
     before = size()
     with torch.no_grad():
@@ -156,6 +159,11 @@ def test_fused_matmuls_are_exact_and_four_a_layer(scheme):
             h.remove()
         assert len(calls) == 2 * 4 + 1  # + the LM head
         assert size() == before
+        attn = model.model.layers[0].self_attn
+        a, b = torch.randn(1, 3, 128), torch.randn(1, 3, 128)
+        with torch.no_grad():
+            attn.q_proj(a)
+            torch.testing.assert_close(attn.k_proj(b), k_ref(b), rtol=1e-5, atol=1e-5)  # not a's k
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     finally:
         fastpath.unfuse_llama(model)
