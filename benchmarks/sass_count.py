@@ -9,6 +9,7 @@ the weights one thread decodes an iteration. Prints a markdown table (the one in
 
     python benchmarks/sass_count.py                 # the table (old, half2, pk at two tiles)
     python benchmarks/sass_count.py --pk --json     # pk kernel only, one JSON line a bit width
+    python benchmarks/sass_count.py --record benchmarks/results/sass.jsonl   # the table, and JSON lines
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--bks", default="64,128", help="pk tile K sizes")
     ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table")
+    ap.add_argument("--record", default=None, metavar="JSONL",
+                    help="also append each row to this results file (e.g. benchmarks/results/sass.jsonl)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
@@ -135,12 +138,17 @@ def main(argv=None):
             per, ops, regs, spills, _ = count_pk(bits, bks)
             rows.append(("f16x2 asm (pk)", bks, per, ops, regs, spills))
         for name, bks, per, ops, regs, spills in rows:
+            w = bks * 256 // 32
+            row = {"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": 1, "target": "sm_90",
+                   "triton": triton.__version__, "instr_per_weight": round(per, 3),
+                   "regs": int(regs) if str(regs).isdigit() else regs, "spill_bytes": spills,
+                   "ops": {o: round(n / w, 3) for o, n in ops.most_common()}}
+            if args.record:
+                from aqsearch.bench import append_result
+
+                append_result(args.record, {"bench": "sass", **row})
             if args.json:
-                w = bks * 256 // 32
-                print(json.dumps({"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": 1,
-                                  "instr_per_weight": round(per, 3), "regs": int(regs) if str(regs).isdigit() else regs,
-                                  "spill_bytes": spills, "ops": {o: round(n / w, 3) for o, n in ops.most_common()}}),
-                      flush=True)
+                print(json.dumps(row), flush=True)
             else:
                 print(_row(bits, name, bks, per, ops, regs, spills), flush=True)
 
