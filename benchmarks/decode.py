@@ -109,9 +109,17 @@ def step_launches(model, batch: int) -> dict:
     from aqsearch.quantlinear import QuantLinear
 
     dec = Decoder(model, batch, 8, graphs=False)
-    with torch.no_grad():
-        dec.prefill(torch.zeros(batch, 1, dtype=torch.long, device=dec.dev))
-        n = fastpath.count_launches(dec._step, model, (QuantLinear, torch.nn.Linear))
+    old = os.environ.get("AQSEARCH_AUTOTUNE")
+    os.environ["AQSEARCH_AUTOTUNE"] = "0"  # no tuner (and its graph captures) inside the counting mode
+    try:
+        with torch.no_grad():
+            dec.prefill(torch.zeros(batch, 1, dtype=torch.long, device=dec.dev))
+            n = fastpath.count_launches(dec._step, model, (QuantLinear, torch.nn.Linear))
+    finally:
+        if old is None:
+            os.environ.pop("AQSEARCH_AUTOTUNE")
+        else:
+            os.environ["AQSEARCH_AUTOTUNE"] = old
     return dict(n)
 
 
