@@ -165,16 +165,15 @@ def _warm(job):
 def precompile(args) -> None:
     import multiprocessing as mp
 
-    # one job per (bits, group, M, shape), longest first (M = 1 has the most candidates, 3 bits the longest
-    # compiles): the slowest job, not one bit width's whole grid, bounds the wall time
-    jobs = [([shape], b, g, m, args.dry_run) for m in sorted(args.ms) for b in sorted(args.bits, key=lambda b: b != 3)
-            for g in args.groups for shape in args.shapes]
+    # one job per (bits, group, M) over all shapes (the shapes of one job share most compiled variants: per-shape
+    # jobs would compile the same kernels side by side), longest first: M = 1 (most candidates), 3 bits
+    jobs = [(args.shapes, b, g, m, args.dry_run) for m in sorted(args.ms) for b in sorted(args.bits, key=lambda b: b != 3)
+            for g in args.groups]
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for i, (b, m, dt, fails) in enumerate(pool.imap_unordered(_warm, jobs)):
-            if fails or (i + 1) % 10 == 0 or i + 1 == len(jobs):
-                log(f"[compile {i + 1}/{len(jobs)}] w{b} M={m}: {dt:.0f} s{f', {fails} failed' if fails else ''} "
-                    f"({time.time() - t0:.0f} s total)")
+            log(f"[compile {i + 1}/{len(jobs)}] w{b} M={m}: {dt:.0f} s{f', {fails} failed' if fails else ''} "
+                f"({time.time() - t0:.0f} s total)")
 
 
 def order(args):
