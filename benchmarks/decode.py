@@ -103,6 +103,35 @@ class Decoder:
         return torch.cat(toks, 1).tolist(), secs
 
 
+def step_launches(model, batch: int) -> dict:
+    """Launches of one eager decode step outside the matmuls (``aqsearch.fastpath.count_launches``), by op."""
+    from aqsearch import fastpath
+    from aqsearch.quantlinear import QuantLinear
+
+    dec = Decoder(model, batch, 8, graphs=False)
+    old = os.environ.get("AQSEARCH_AUTOTUNE")
+    os.environ["AQSEARCH_AUTOTUNE"] = "0"  # no tuner (and its graph captures) inside the counting mode
+    try:
+        with torch.no_grad():
+            dec.prefill(torch.zeros(batch, 1, dtype=torch.long, device=dec.dev))
+            n = fastpath.count_launches(dec._step, model, (QuantLinear, torch.nn.Linear))
+    finally:
+        if old is None:
+            os.environ.pop("AQSEARCH_AUTOTUNE")
+        else:
+            os.environ["AQSEARCH_AUTOTUNE"] = old
+    return dict(n)
+
+
+def step_bytes(model) -> int:
+    """Bytes a batch-1 step must read at least: every parameter and buffer once (matmul weights, norms,
+    packed codes, scales, zeros), the embedding table's one row instead of the table."""
+    emb = model.get_input_embeddings().weight
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if t is not emb)
+    return total + emb.shape[1] * emb.element_size()
+
+
 def run_one(model, prompt, new_tokens: int, graphs: bool) -> dict:
     dec = Decoder(model, prompt.shape[0], prompt.shape[1] + new_tokens + 4, graphs)
     dec.prefill(prompt)
@@ -157,7 +186,7 @@ def pack_int_zeros(model) -> int:
     return n
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--llama8b", action="store_true", help="Llama-3-8B-shaped, random weights (no download)")
@@ -170,18 +199,74 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-graphs", action="store_true", help="eager steps (the CPU path)")
+    ap.add_argument("--no-fuse", action="store_true", help="HF's stock RMSNorm, rotary and MLP (no fused kernels)")
+    ap.add_argument("--no-fuse-matmuls", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
+    ap.add_argument("--copy-gbps", type=float, default=None, help="copy bandwidth for the bounds (default: measured)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode.jsonl"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--run", default="", help="run id stored with every record")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        args.device, args.no_graphs, args.new_tokens, args.prompt_len = "cpu", True, 3, 4
+    return args
 
+
+def _fp16(base, prompts, batches, args, name, dtype) -> dict:
+    """fp16 timed with HF's stock modules, then fused (norms, rotary, silu*up in place on ``base``; q/k/v and
+    gate/up on a copy): the tokens/s, launches a step and the weight-bandwidth bound of each."""
+    from aqsearch import fastpath
+
+    sys.path.insert(0, HERE)
+    from matmul import copy_bandwidth
+
+    f = {"bw": args.copy_gbps or copy_bandwidth(), "base_bytes": step_bytes(base), "stock": {}, "stock_launch": {}}
+    if not args.no_fuse:  # fp16 with HF's stock modules first, then fused (what the quantized models run)
+        f["stock"] = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}
+        f["stock_launch"] = step_launches(base, 1)
+        log(f"{name} stock: {sum(f['stock_launch'].values())} launches a step besides the matmuls; "
+            + ", ".join(f"batch {b} {f['stock'][b]['tokens_per_s']:.0f} tok/s" for b in batches))
+        log(f"fused: {fastpath.fuse_llama(base)}")
+    f["mm"] = mm = not (args.no_fuse or args.no_fuse_matmuls)
+    if mm:  # the fused q/k/v and gate/up shapes are not in benchmarks/matmul.py's grid: no tuning during warm-up
+        os.environ.setdefault("AQSEARCH_AUTOTUNE", "0")
+    fbase = copy.deepcopy(base) if mm else base
+    if mm:
+        log(f"fused matmuls: {fastpath.fuse_llama(fbase, matmuls=True)}")
+    f["launch"] = step_launches(fbase, 1)
+    f["refs"] = {b: run_one(fbase, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
+    del fbase
+    for b in batches:
+        log(f"{name} {str(dtype)[6:]} batch {b}: {f['refs'][b]['tokens_per_s']:.0f} tok/s ({sum(f['launch'].values())} "
+            f"launches a step besides the matmuls; bound {f['bw'] * 1e9 / f['base_bytes']:.0f} tok/s at {f['bw']:.0f} GB/s)")
+    return f
+
+
+def _record(f, got, b, q_bytes, q_launch) -> dict:
+    """The bandwidth-bound, launch-count and stock-fp16 fields of one decode record."""
+    ref, bw = f["refs"][b], f["bw"]
+    rec = {"fused": bool(f["stock"]), "fused_matmuls": f["mm"], "copy_gbps": round(bw, 1),
+           "base_step_bytes": f["base_bytes"], "quant_step_bytes": q_bytes,
+           "base_bound_tokens_per_s": round(b * bw * 1e9 / f["base_bytes"], 1),
+           "quant_bound_tokens_per_s": round(b * bw * 1e9 / q_bytes, 1),
+           "base_frac_of_bound": round(ref["tokens_per_s"] / (b * bw * 1e9 / f["base_bytes"]), 4),
+           "quant_frac_of_bound": round(got["tokens_per_s"] / (b * bw * 1e9 / q_bytes), 4),
+           "base_launches_per_step": sum(f["launch"].values()), "quant_launches_per_step": sum(q_launch.values()),
+           "launches": q_launch}
+    if f["stock"]:
+        rec.update({"base_stock_tokens_per_s": round(f["stock"][b]["tokens_per_s"], 1),
+                    "speedup_vs_stock_fp16": round(got["tokens_per_s"] / f["stock"][b]["tokens_per_s"], 3),
+                    "base_stock_launches_per_step": sum(f["stock_launch"].values())})
+    return rec
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    from aqsearch import fastpath
     from aqsearch.bench import append_result
     from aqsearch.config import Plan
     from aqsearch.materialize import layer_infos, materialize
     from aqsearch.memory import plan_bytes
 
-    if args.dry_run:
-        args.device, args.no_graphs, args.new_tokens, args.prompt_len = "cpu", True, 3, 4
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32  # CPU half matmuls crawl
     t0 = time.time()
     if args.llama8b:
@@ -199,9 +284,7 @@ def main(argv=None) -> int:
     vocab = base.config.vocab_size
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(args.device) for b in batches}
     mem_fp16 = plan_bytes(base, None)
-    refs = {b: run_one(base, prompts[b], args.new_tokens, not args.no_graphs) for b in batches}  # fp16, once
-    for b in batches:
-        log(f"{name} {str(dtype)[6:]} batch {b}: {refs[b]['tokens_per_s']:.0f} tok/s")
+    f = _fp16(base, prompts, batches, args, name, dtype)
     for sch in schemes:
         plan = Plan.load(sch) if args.plan else Plan.uniform(sch)
         mem_q = plan_bytes(base, plan)
@@ -209,9 +292,13 @@ def main(argv=None) -> int:
         qmodel = copy.deepcopy(base)
         materialize(qmodel, plan, dtype=dtype)  # in place: QuantLinear in each governed Linear's place
         packed = pack_int_zeros(qmodel)
+        n_layers = len(layer_infos(qmodel))  # before q/k/v and gate/up are fused
+        if not args.no_fuse:
+            fastpath.fuse_llama(qmodel, matmuls=f["mm"])
+        q_bytes, q_launch = step_bytes(qmodel), step_launches(qmodel, 1)
         log(f"materialized {sch} in {time.time() - t1:.1f} s ({packed} layers' fp16 zeros packed as integers)")
         for b in batches:
-            ref = refs[b]
+            ref = f["refs"][b]
             try:
                 got = run_one(qmodel, prompts[b], args.new_tokens, not args.no_graphs)
             except Exception as e:  # record the failure, go on with the next one
@@ -227,7 +314,7 @@ def main(argv=None) -> int:
                    "base_ms_per_step": round(ref["ms_per_step"], 4), "quant_ms_per_step": round(got["ms_per_step"], 4),
                    "greedy_agreement": round(same / (b * args.new_tokens), 4),
                    "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
-                   "base_bytes_total": mem_fp16.bytes_total, "layers": len(layer_infos(qmodel))}
+                   "base_bytes_total": mem_fp16.bytes_total, "layers": n_layers, **_record(f, got, b, q_bytes, q_launch)}
             append_result(args.out, rec)
             print(f"{name} batch {b}: {rec['dtype']} {rec['base_tokens_per_s']:.0f} tok/s, {sch} "
                   f"{rec['quant_tokens_per_s']:.0f} tok/s (x{rec['speedup']:.2f}), greedy agreement "

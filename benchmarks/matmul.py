@@ -165,8 +165,10 @@ def _warm(job):
 def precompile(args) -> None:
     import multiprocessing as mp
 
-    jobs = [(args.shapes, b, g, m, args.dry_run) for b in sorted(args.bits, key=lambda b: b != 3)  # 3-bit: longest
-            for g in args.groups for m in args.ms]
+    # one job per (bits, group, M) over all shapes (the shapes of one job share most compiled variants: per-shape
+    # jobs would compile the same kernels side by side), longest first: M = 1 (most candidates), 3 bits
+    jobs = [(args.shapes, b, g, m, args.dry_run) for m in sorted(args.ms) for b in sorted(args.bits, key=lambda b: b != 3)
+            for g in args.groups]
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for i, (b, m, dt, fails) in enumerate(pool.imap_unordered(_warm, jobs)):

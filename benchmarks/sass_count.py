@@ -1,12 +1,15 @@
 """SASS instructions a weight of the M = 1 GEMV kernels, compiled for sm_90 on any machine (no GPU).
 
-Compiles ``_gemv.gemv_kernel`` (fp32 FFMA) and ``_gemv_h2.gemv_h2_kernel`` (packed half2) with
+Compiles ``_gemv.gemv_kernel`` (fp32 FFMA), ``_gemv_h2.gemv_h2_kernel`` (packed half2) and
+``_gemv_pk.gemv_pk_kernel`` (f16x2 inline PTX, its asm path) with
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``, disassembles the cubin with the
 ``cuobjdump`` Triton ships, finds the K loop (the backward branch) and divides its instructions by
 the weights one thread decodes an iteration. Prints a markdown table (the one in
 ``benchmarks/results/kernel-notes.md``).
 
-    python benchmarks/sass_count.py
+    python benchmarks/sass_count.py                 # the table (old, half2, pk at two tiles)
+    python benchmarks/sass_count.py --pk --json     # pk kernel only, one JSON line a bit width
+    python benchmarks/sass_count.py --record benchmarks/results/sass.jsonl   # the table, and JSON lines
 """
 
 from __future__ import annotations
@@ -23,18 +26,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from aqsearch.kernels import _gemv, _gemv_h2  # noqa: E402
+from aqsearch.kernels import _gemv, _gemv_h2, _gemv_pk, launch  # noqa: E402
 
 OLD_SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16",
            "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_lo": "i32",
            "ZW": "i32", "ones": "i32", "stride_xm": "i32", "stride_om": "i32", "k_per_split": "i32",
            "n_split": "i32"}
 NEW_SIG = {a: t for a, t in OLD_SIG.items() if a not in ("M", "stride_xm")}
+PK_SIG = {a: t for a, t in NEW_SIG.items() if a != "ones"}
 
 
-def sass(fn, sig, consts, num_warps):
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+# Arguments a real launch on the Llama shapes specializes as multiples of 16 (Triton's "D" key: every
+# pointer is 16-byte aligned; N, K, the zero words, strides and the K-slice are multiples of 16).
+ALIGNED = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "lock_ptr", "N", "K", "n_lo", "ZW", "stride_xm",
+           "stride_om", "k_per_split")
+
+
+def sass(fn, sig, consts, num_warps, aligned=True):
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if aligned and a in ALIGNED}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
@@ -81,17 +92,65 @@ def count(bits, new, bn=256, nw=1, bks=None):
     return len(body) / weights, collections.Counter(body), regs, spills, bks
 
 
-def main():
+def count_pk(bits, bks=128, bn=256, nw=1, pdl=False):
+    """The pk GEMV's asm path (``ASM=True``), as ``count``: (instr/weight, opcodes, regs, spill bytes, bks)."""
+    s = _gemv_pk.shift_for(bits, bks)
+    a0, a1 = launch._pk_asm(bits, s)
+    consts = {"BITS": bits, "GROUP": 128, "ZMODE": 2, "BN": bn, "BKS": bks, "USE_WS": True, "EVEN_K": True,
+              "EVEN_N": True, "S": s, "ASM": True, "ASM0": a0, "ASM1": a1, "PDL": pdl}
+    text, regs, spills = sass(_gemv_pk.gemv_pk_kernel, PK_SIG, consts, nw)
+    body = loop_body(text)
+    return len(body) / (bks * bn // (32 * nw)), collections.Counter(body), regs, spills, bks
+
+
+def _row(bits, name, bks, per, ops, regs, spills, bn=256):
+    w = bks * bn // 32
+    top = ", ".join(f"{o} {n / w:.2f}" for o, n in ops.most_common(6))
+    return (f"| w{bits} | {name} | {bn} x {bks}, 1 | {per:.2f} | {regs}{f' +{spills} spill' if spills else ''} "
+            f"| {top} |")
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pk", action="store_true", help="the pk kernel only")
+    ap.add_argument("--bits", default="2,3,4,8")
+    ap.add_argument("--bks", default="64,128", help="pk tile K sizes")
+    ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table")
+    ap.add_argument("--record", default=None, metavar="JSONL",
+                    help="also append each row to this results file (e.g. benchmarks/results/sass.jsonl)")
+    args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print("| bits | kernel | BN x BKS, warps | instr / weight (K loop) | regs | top opcodes per weight |")
-    print("|---|---|---|---:|---:|---|")
-    for bits in (2, 3, 4, 8):
-        for new in (False, True):
-            per, ops, regs, spills, bks = count(bits, new)
+    os.environ.pop("TRITON_INTERPRET", None)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    if not args.json:
+        print("| bits | kernel | BN x BKS, warps | instr / weight (K loop) | regs | top opcodes per weight |")
+        print("|---|---|---|---:|---:|---|")
+    for bits in bits_list:
+        rows = []
+        if not args.pk:
+            for new in (False, True):
+                per, ops, regs, spills, bks = count(bits, new)
+                rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills))
+        for bks in (int(b) for b in args.bks.split(",")):
+            per, ops, regs, spills, _ = count_pk(bits, bks)
+            rows.append(("f16x2 asm (pk)", bks, per, ops, regs, spills))
+        for name, bks, per, ops, regs, spills in rows:
             w = bks * 256 // 32
-            top = ", ".join(f"{o} {n / w:.2f}" for o, n in ops.most_common(6))
-            print(f"| w{bits} | {'half2 (new)' if new else 'fp32 (old)'} | 256 x {bks}, 1 | {per:.2f} | {regs}"
-                  f"{f' +{spills} spill' if spills else ''} | {top} |", flush=True)
+            row = {"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": 1, "target": "sm_90",
+                   "triton": triton.__version__, "instr_per_weight": round(per, 3),
+                   "regs": int(regs) if str(regs).isdigit() else regs, "spill_bytes": spills,
+                   "ops": {o: round(n / w, 3) for o, n in ops.most_common()}}
+            if args.record:
+                from aqsearch.bench import append_result
+
+                append_result(args.record, {"bench": "sass", **row})
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(_row(bits, name, bks, per, ops, regs, spills), flush=True)
 
 
 if __name__ == "__main__":

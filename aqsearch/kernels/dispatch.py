@@ -11,8 +11,8 @@ tuner times a pruned candidate list as CUDA-graph replays over rotating weight c
 ``_tuned.py`` ships choices measured on an H200. ``AQSEARCH_AUTOTUNE=0`` turns measuring off (then
 the shipped table or a heuristic decides).
 
->>> [c["path"] for c in candidates(1, 4096, 4096, bits=4, group=128, sms=132)][:1]
-['gemv']
+>>> [(c["path"], c.get("pk")) for c in candidates(1, 4096, 4096, bits=4, group=128, sms=132)][:1]
+[('gemv', True)]
 >>> sorted({c["path"] for c in candidates(1024, 4096, 4096, bits=4, group=128, sms=132)})
 ['dequant', 'gemm']
 >>> sorted({c["path"] for c in candidates(8, 4096, 4096, bits=3, group=128, sms=132)})
@@ -42,8 +42,23 @@ _GEMV_BKS = {2: (128, 64), 3: (64, 32), 4: (64, 32), 8: (32, 32)}
 _GEMV_H2_BKS = {2: 64, 3: 64, 4: 64, 8: 32}
 # GEMV shapes at M = 1: (BN, num_warps, big/small BKS, prefetch). BN / (32 * warps) columns a thread,
 # 8 or more: two 16-byte loads a word row (gemlite's and bitsandbytes' GEMVs load 16 bytes a thread too).
-_GEMV_M1 = ((256, 1, "big", False), (256, 1, "small", True), (512, 1, "small", True), (512, 2, "big", False),
-            (1024, 4, "big", False), (512, 1, "big", False))
+# (The three shapes that won on the H200 in November; the pk GEMV below is tried first at M = 1.)
+_GEMV_M1 = ((256, 1, "big", False), (256, 1, "small", True), (512, 1, "small", True))
+# The f16x2 inline-PTX GEMV (_gemv_pk) at M = 1, fp16 x and integer zeros: (BN, warps, BKS cap, programs
+# an SM). Bytes in flight (benchmarks/results/kernel-notes.md): ~20 KB an SM keep 80 % of the H200's copy
+# bandwidth busy; a one-warp program has up to one tile in flight (BKS / per_word word rows x BN x 4 B:
+# 16 KB at 4 bits, BKS 128, BN 256), so 4-8 programs an SM; split-K supplies them where N / BN is small,
+# BN 128 halves the split (a shorter split-K tail) for twice the per-row overhead.
+_GEMV_PK = ((256, 1, 128, 4), (256, 1, 128, 8), (128, 1, 128, 4), (128, 1, 128, 8), (256, 1, 64, 6),
+            (512, 2, 128, 4))
+
+
+def pk_bks(bits: int, group: int, cap: int) -> int:
+    """The pk GEMV's tile K: a multiple of 32 dividing the group, at most ``cap``."""
+    b = min(cap, group)
+    while b > 32 and group % b:
+        b //= 2
+    return max(32, b)
 
 
 def m_bucket(m: int) -> int:
@@ -90,10 +105,18 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
                 out.append({"path": "gemv", "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "prefetch": pf})
         if m == 1:  # the packed half2 GEMV (_gemv_h2): fp16 x; bf16 x runs the fp32 kernel with the same tiles
             bks = min(_GEMV_H2_BKS[bits], g)
-            for bn, nw in ((256, 1), (512, 2)):  # 8 columns a thread: 16 would spill
-                s = _split_for(-(-n // bn), k, bks, sms, per_sm=4)
-                for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
-                    out.append({"path": "gemv", "h2": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split})
+            s = _split_for(-(-n // 256), k, bks, sms, per_sm=4)
+            for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
+                out.append({"path": "gemv", "h2": True, "BN": 256, "BKS": bks, "num_warps": 1, "split": split})
+            pk = []
+            for bn, nw, cap, per_sm in _GEMV_PK:
+                bks = pk_bks(bits, g, cap)
+                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm)
+                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split}
+                if c not in pk:
+                    pk.append(c)
+            pk += [dict(c, pdl=True) for c in pk[:2]]  # programmatic dependent launch (sm_90+; else ignored)
+            out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:
         for bn, bk, nw, st in ((128, pbk[0], 4, 3), (64, pbk[0], 4, 4), (128, pbk[-1], 8, 3)):

@@ -25,7 +25,9 @@ import os
 
 import torch
 
-from . import _gemm, _gemv, _gemv_h2
+import functools
+
+from . import _gemm, _gemv, _gemv_h2, _gemv_pk
 from .packing import effective_group
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
@@ -101,6 +103,9 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     if m > 4:
         raise ValueError(f"the GEMV kernel takes M <= 4 rows, got {m}")
     zm, zw = zmode(zeros)
+    if cfg.get("pk") and m == 1 and x.dtype == torch.float16 and zm != 1 and bks % 32 == 0:
+        return _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split, grid, ws, locks,
+                               zm, zw, n_lo, out, cfg)
     if cfg.get("h2") and m == 1 and x.dtype == torch.float16:  # packed half2 arithmetic (fp16 x only)
         _gemv_h2.gemv_h2_kernel[grid](
             x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
@@ -118,6 +123,46 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
         num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1),
     )
     return out
+
+
+def pk_asm_enabled() -> bool:
+    """Inline PTX in the pk GEMV: on a GPU unless ``AQSEARCH_PK_ASM=0`` (then its pure-Triton twin)."""
+    return not interpreting() and os.environ.get("AQSEARCH_PK_ASM", "1") not in ("0", "false", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _pk_asm(bits: int, s: int) -> tuple[str, str]:
+    if bits == 3:
+        return _gemv_pk.asm_w3(0, s), _gemv_pk.asm_w3(1, s)
+    if bits == 8:
+        return _gemv_pk.asm_w8(s), ""
+    return _gemv_pk.asm_w24(bits, s)[0], ""
+
+
+def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split, grid, ws, locks, zm, zw, n_lo,
+                    out, cfg):
+    """The f16x2 inline-PTX GEMV (``_gemv_pk``): M = 1, fp16 x, integer (packed) or symmetric zeros."""
+    if x.data_ptr() % 16:  # x is read as int32 words: a misaligned view is copied once
+        x = x.clone()
+    s = _gemv_pk.shift_for(bits, bks)
+    use_asm = pk_asm_enabled()
+    a0, a1 = _pk_asm(bits, s) if use_asm else ("", "")
+    pdl = {"PDL": True, "launch_pdl": True} if cfg.get("pdl") and pdl_enabled() and x.is_cuda else {}
+    _gemv_pk.gemv_pk_kernel[grid](
+        x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
+        qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
+        BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
+        EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
+        num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1), **pdl,
+    )
+    return out
+
+
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch for configs with ``"pdl": True`` (sm_90+), unless ``AQSEARCH_PDL=0``."""
+    if interpreting() or os.environ.get("AQSEARCH_PDL", "1") in ("0", "false", "off"):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
 
 
 def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):

@@ -1,0 +1,500 @@
+"""Fused dequantize + GEMV at M = 1 in f16x2 arithmetic on int32 registers (inline PTX), split-K (Triton).
+
+The half2 GEMV (``_gemv_h2``) gets one LOP3 and two HFMA2 per two weights, but Triton re-packs its
+``tl.join`` pairs with PRMTs (0.6-1.0 a weight). Here every value the inner loop touches is an int32
+register holding an fp16 pair, and each word of codes goes through one ``tl.inline_asm_elementwise``
+block that the compiler cannot re-pack:
+
+- extraction (FasterTransformer's ``lop3`` + magic number; Marlin ``dequant.h``): code ``j`` of a word
+  and code ``j + per_word / 2`` sit 16 bits apart, so ``lop3(w, (2**b - 1) * 0x00010001 << P, 0x64006400)``
+  is the fp16 pair ``(1024 + q_j * 2**P, 1024 + q_j' * 2**P)`` exactly: one LOP3 for two weights.
+  Positions with ``P + b <= 10`` are read in place, the rest after one shift by 8 of the word. 8 bits:
+  one ``prmt`` with 0x64 bytes makes the pair (Marlin's 8-bit path), no shift.
+- ``d = h * 2**-(P + S) + c_P`` is one ``fma.rn.f16x2`` and exact: ``(q - z) * 2**-S``. The constant
+  ``c_P = -(2**(10 - P) + z) * 2**-S`` is built from the integer zero with one IMAD a column and group
+  (its fp16 bits are ``sign | exponent | z << P``), so no per-weight zero work and no rounding of z.
+- ``acc += d * x2`` is one ``fma.rn.f16x2``; ``x2`` is the matching pair ``(x_k, x_k')``, one ``prmt``
+  from two x words, per row (shared by the columns a thread owns).
+- 3 bits (a 2-bit plane + a 1-bit plane): the 16 high bits of a low word are spread once (prmt, two
+  shift+lop3 steps) so that one LOP3 per half merges them with the low bits into two 4-bit-like words
+  (even codes, odd codes; 3 bits in each nibble), then as 4 bits.
+
+Accumulation: four f16x2 accumulators a column (pairs ``j % 4``), summed in fp16 and flushed into fp32
+once a tile (one tile lies in one group): ``a += s * 2**S * (lane0 + lane1)``. The ``2**-S`` folded into
+``d`` (exact: a power of two, ``|q - z| >= 1`` stays normal) keeps every fp16 partial sum of a tile
+finite for any finite fp16 x: ``S = ceil(log2(BKS / 2 * (2**b - 1)))``. A lane's flushed sum has at most
+``BKS / 8 + 2`` fp16 roundings in a chain (``BKS / 2`` products over four accumulators).
+
+Inline asm is not supported by the interpreter: ``ASM=False`` runs a pure-Triton twin of each block
+(same int32 inputs and outputs, the fp16 pair arithmetic spelt out with fp64 and one rounding, as
+``fma.rn`` rounds once); the interpreter tests hold the twin to the reference, and
+``benchmarks/sass_count.py`` compiles the asm path for sm_90.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._tl_common import splitk_reduce
+
+
+def shift_for(bits: int, bks: int) -> int:
+    """``S``: ``2**S >= (BKS / 2) * (2**bits - 1)`` (no fp16 partial sum of a tile can overflow)."""
+    need, s = (bks // 2) * ((1 << bits) - 1), 0
+    while (1 << s) < need:
+        s += 1
+    return s
+
+
+def _i32(v: int) -> int:
+    """A 32-bit pattern as the signed int32 Triton takes for a constant."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def pow2_pair(e: int) -> int:
+    """fp16x2 bits of ``(2**e, 2**e)``, ``-24 <= e <= 15`` (subnormal below -14)."""
+    h = (e + 15) << 10 if e >= -14 else 1 << (e + 24)
+    return h * 0x10001
+
+
+def cbase(p: int, s: int) -> int:
+    """fp16x2 bits of ``-(2**(10 - p)) * 2**-s`` in both halves: ``c_P`` with a zero of 0."""
+    return (0x8000 | ((25 - p - s) << 10)) * 0x10001
+
+
+def _asm_fma(d, t, f, c):
+    return f"fma.rn.f16x2 {d}, {t}, {f}, {c};\n"
+
+
+def asm_w24(bits: int, s: int) -> tuple[str, list[int]]:
+    """PTX for one word of 2- or 4-bit codes. Operands: $0..$3 accumulators out; $4 the word;
+    x words (x[2i], x[2i+1]) next; then one c_P per distinct P; then the four accumulators in.
+    Returns the text and the list of distinct P (the c_P operands, in order)."""
+    pw = 32 // bits
+    npairs = pw // 2
+    nx = pw // 2  # x words: pw halves of x
+    ps = []
+    plan = []  # (source, P) per pair j
+    for j in range(npairs):
+        if bits * j + bits <= 10:
+            plan.append(("w", bits * j))
+        else:
+            plan.append(("v", bits * j - 8))
+        if plan[-1][1] not in ps:
+            ps.append(plan[-1][1])
+    xo = 5
+    co = xo + nx
+    ao = co + len(ps)
+    lines = ["{\n", ".reg .b32 v, m, xp, h, f;\n", f"shr.b32 v, $4, 8;\n"]
+    for j, (src, p) in enumerate(plan):
+        a = j % 2  # pair j: x halves j and j + pw/2 = word j//2 (half j%2) and word j//2 + nx/2
+        wa, wb = xo + j // 2, xo + j // 2 + nx // 2
+        sel = "0x5410" if a == 0 else "0x7632"
+        mask = ((1 << bits) - 1) * 0x10001 << p
+        lines.append(f"prmt.b32 xp, ${wa}, ${wb}, {sel};\n")
+        lines.append(f"lop3.b32 h, {'$4' if src == 'w' else 'v'}, 0x{mask:08x}, 0x64006400, 0xea;\n")
+        lines.append(f"mov.b32 f, 0x{pow2_pair(-(p + s)):08x};\n")
+        lines.append(_asm_fma("h", "h", "f", f"${co + ps.index(p)}"))
+        acc = j % 4
+        src_acc = f"${ao + acc}" if j < 4 else f"${acc}"
+        lines.append(_asm_fma(f"${acc}", "h", "xp", src_acc))
+    lines.append("}\n")
+    return "".join(lines), ps
+
+
+def asm_w8(s: int) -> str:
+    """PTX for one word of 8-bit codes: $0..$1 accumulators out; $2 the word; $3, $4 x words
+    (x0, x1), (x2, x3); $5 c_0; $6, $7 accumulators in."""
+    f = pow2_pair(-s)
+    return ("{\n.reg .b32 e, h, xp, f;\n"
+            "mov.b32 e, 0x64646464;\n"
+            f"mov.b32 f, 0x{f:08x};\n"
+            "prmt.b32 h, $2, e, 0x4240;\n"       # bytes 0 and 2: codes k, k + 2
+            "prmt.b32 xp, $3, $4, 0x5410;\n"     # (x0, x2)
+            + _asm_fma("h", "h", "f", "$5")
+            + _asm_fma("$0", "h", "xp", "$6")
+            + "prmt.b32 h, $2, e, 0x4341;\n"     # bytes 1 and 3: codes k + 1, k + 3
+            "prmt.b32 xp, $3, $4, 0x7632;\n"     # (x1, x3)
+            + _asm_fma("h", "h", "f", "$5")
+            + _asm_fma("$1", "h", "xp", "$7")
+            + "}\n")
+
+
+def asm_w3(half: int, s: int) -> str:
+    """PTX for one low-plane word of 3-bit codes (16 codes, k = base + c at bits 2c) with its high
+    bits (bits 16*half + c of the high-plane word). Operands: $0..$3 accumulators out; $4 the low
+    word; $5 the high word; $6..$13 x words (x[2i], x[2i+1]); $14 c_0; $15 c_4; $16..$19 accumulators in."""
+    sel = "0x4140" if half == 0 else "0x4342"
+    lines = ["{\n", ".reg .b32 z, b, t, c1, c2, e, o, ev, ov, h, f, xp;\n",
+             "mov.b32 z, 0;\n",
+             f"prmt.b32 b, $5, z, {sel};\n",  # high bits c = 0..7 -> bits 0..7, c = 8..15 -> 16..23
+             "shl.b32 t, b, 4;\n",
+             "lop3.b32 b, b, t, 0x0F0F0F0F, 0xa8;\n",  # (b | t) & m: c -> 8 (c // 4) + c % 4
+             "shl.b32 t, b, 2;\n",
+             "lop3.b32 b, b, t, 0x33333333, 0xa8;\n",  # c -> 4 (c // 2) + c % 2
+             "shl.b32 c2, b, 2;\n",  # even c at 4 (c // 2) + 2
+             "shl.b32 c1, b, 1;\n",  # odd c at 4 (c // 2) + 2
+             "lop3.b32 e, $4, 0x33333333, c2, 0xe2;\n",  # (a & m) | (c & ~m): even codes, a nibble each
+             "shr.b32 o, $4, 2;\n",
+             "lop3.b32 o, o, 0x33333333, c1, 0xe2;\n",  # odd codes, a nibble each
+             "shr.b32 ev, e, 8;\n",
+             "shr.b32 ov, o, 8;\n"]
+    # (source, P, pair j): E nibble i = code 2i, O nibble i = code 2i + 1; pair j = (c, c + 8)
+    plan = [("e", 0, 0), ("e", 4, 2), ("ev", 0, 4), ("ev", 4, 6), ("o", 0, 1), ("o", 4, 3), ("ov", 0, 5), ("ov", 4, 7)]
+    seen = set()
+    for src, p, j in plan:
+        wa, wb = 6 + j // 2, 6 + j // 2 + 4
+        sel_x = "0x5410" if j % 2 == 0 else "0x7632"
+        mask = 7 * 0x10001 << p
+        lines.append(f"prmt.b32 xp, ${wa}, ${wb}, {sel_x};\n")
+        lines.append(f"lop3.b32 h, {src}, 0x{mask:08x}, 0x64006400, 0xea;\n")
+        lines.append(f"mov.b32 f, 0x{pow2_pair(-(p + s)):08x};\n")
+        lines.append(_asm_fma("h", "h", "f", "$14" if p == 0 else "$15"))
+        acc = j % 4
+        src_acc = f"${16 + acc}" if acc not in seen else f"${acc}"
+        seen.add(acc)
+        lines.append(_asm_fma(f"${acc}", "h", "xp", src_acc))
+    lines.append("}\n")
+    return "".join(lines)
+
+
+# ---- pure-Triton twins: int32 pairs in, int32 pairs out, the same arithmetic ----
+
+@triton.jit
+def _lo(u):
+    """fp16 of the low half of int32 ``u``."""
+    return (u & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _hi(u):
+    return (u >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pk(lo, hi):
+    """Two fp16 -> int32 (lo | hi << 16)."""
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _fma2(a, b, c):
+    """``fma.rn.f16x2`` on int32 pairs: each lane ``a * b + c`` in fp64 (exact here), rounded once to fp16."""
+    lo = (_lo(a).to(tl.float64) * _lo(b).to(tl.float64) + _lo(c).to(tl.float64)).to(tl.float16)
+    hi = (_hi(a).to(tl.float64) * _hi(b).to(tl.float64) + _hi(c).to(tl.float64)).to(tl.float16)
+    return _pk(lo, hi)
+
+
+@triton.jit
+def _prmt_lo(a, b):
+    """prmt 0x5410: (low half of a, low half of b)."""
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def _prmt_hi(a, b):
+    """prmt 0x7632: (high half of a, high half of b)."""
+    return ((a >> 16) & 0xFFFF) | (b & -65536)
+
+
+@triton.jit
+def _xp(xw, J: tl.constexpr, NX: tl.constexpr):
+    """x pair j of a word row: (x[j], x[j + NX]) from the x words (x[2i], x[2i+1]) (tuple ``xw``)."""
+    if J % 2 == 0:
+        r = _prmt_lo(xw[J // 2], xw[J // 2 + NX // 2])
+    else:
+        r = _prmt_hi(xw[J // 2], xw[J // 2 + NX // 2])
+    return r
+
+
+@triton.jit
+def _twin_pair(acc, src, xp, c, BITS: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    h = (src & (((1 << BITS) - 1) * 0x10001 << P)) | 0x64006400
+    d = _fma2(h, _pow2_pair(-(P + S)), c)
+    return _fma2(d, xp, acc)
+
+
+@triton.jit
+def _pow2_pair(E: tl.constexpr):
+    """int32 fp16x2 bits of (2**E, 2**E) (``pow2_pair``)."""
+    H: tl.constexpr = ((E + 15) << 10) if E >= -14 else (1 << (E + 24))
+    return tl.full([], H * 0x10001, tl.int32)
+
+
+@triton.jit
+def _word24(w, xw, cs, a0, a1, a2, a3, BITS: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr, ASMTXT: tl.constexpr):
+    """One row of 2/4-bit words ``w [BN]`` int32 into the accumulators; ``xw`` its x words (scalars),
+    ``cs`` the c_P of each distinct P (see ``asm_w24``)."""
+    if ASM:
+        if BITS == 4:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                ASMTXT, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r",
+                [w, xw[0], xw[1], xw[2], xw[3], cs[0], cs[1], a0, a1, a2, a3],
+                (tl.int32, tl.int32, tl.int32, tl.int32), True, 1)
+        else:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                ASMTXT, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [w, xw[0], xw[1], xw[2], xw[3], xw[4], xw[5], xw[6], xw[7], cs[0], cs[1], cs[2], cs[3], cs[4],
+                 a0, a1, a2, a3],
+                (tl.int32, tl.int32, tl.int32, tl.int32), True, 1)
+    else:
+        v = (w >> 8) & 0x00FFFFFF
+        PW: tl.constexpr = 32 // BITS
+        for j in tl.static_range(PW // 2):
+            INPL: tl.constexpr = BITS * j + BITS <= 10
+            P: tl.constexpr = BITS * j if INPL else BITS * j - 8
+            # index of P among the distinct P values, in asm_w24's order: in place first, then shifted ones
+            CI: tl.constexpr = (P // BITS) if BITS == 4 else P // 2
+            src = w if INPL else v
+            xp = _xp(xw, j, PW // 2)
+            if j % 4 == 0:
+                a0 = _twin_pair(a0, src, xp, cs[CI], BITS, P, S)
+            elif j % 4 == 1:
+                a1 = _twin_pair(a1, src, xp, cs[CI], BITS, P, S)
+            elif j % 4 == 2:
+                a2 = _twin_pair(a2, src, xp, cs[CI], BITS, P, S)
+            else:
+                a3 = _twin_pair(a3, src, xp, cs[CI], BITS, P, S)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _word8(w, xw, c0, a0, a1, S: tl.constexpr, ASM: tl.constexpr, ASMTXT: tl.constexpr):
+    """One row of 8-bit words into two accumulators; ``xw`` = ((x0, x1), (x2, x3))."""
+    if ASM:
+        a0, a1 = tl.inline_asm_elementwise(ASMTXT, "=r,=r,r,r,r,r,r,r", [w, xw[0], xw[1], c0, a0, a1],
+                                           (tl.int32, tl.int32), True, 1)
+    else:
+        f = _pow2_pair(-S)
+        h0 = (w & 0x00FF00FF) | 0x64006400  # prmt 0x4240: bytes 0 and 2 under 0x64
+        h1 = ((w >> 8) & 0x00FF00FF) | 0x64006400  # prmt 0x4341: bytes 1 and 3
+        a0 = _fma2(_fma2(h0, f, c0), _prmt_lo(xw[0], xw[1]), a0)
+        a1 = _fma2(_fma2(h1, f, c0), _prmt_hi(xw[0], xw[1]), a1)
+    return a0, a1
+
+
+@triton.jit
+def _word3(lw, hw, xw, c0, c4, a0, a1, a2, a3, HALF: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
+           ASMTXT: tl.constexpr):
+    """One 3-bit low-plane word ``lw`` with its high bits (half ``HALF`` of ``hw``)."""
+    if ASM:
+        a0, a1, a2, a3 = tl.inline_asm_elementwise(
+            ASMTXT, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [lw, hw, xw[0], xw[1], xw[2], xw[3], xw[4], xw[5], xw[6], xw[7], c0, c4, a0, a1, a2, a3],
+            (tl.int32, tl.int32, tl.int32, tl.int32), True, 1)
+    else:
+        hs = (hw >> (16 * HALF)) & 0xFFFF
+        b = (hs & 0xFF) | ((hs << 8) & 0x00FF0000)
+        b = (b | (b << 4)) & 0x0F0F0F0F
+        b = (b | (b << 2)) & 0x33333333
+        e = (lw & 0x33333333) | ((b << 2) & -858993460)  # ~0x33333333 = 0xCCCCCCCC
+        o = (((lw >> 2) & 0x3FFFFFFF) & 0x33333333) | ((b << 1) & -858993460)
+        ev = (e >> 8) & 0x00FFFFFF
+        ov = (o >> 8) & 0x00FFFFFF
+        a0 = _twin_pair(a0, e, _xp(xw, 0, 8), c0, 3, 0, S)
+        a2 = _twin_pair(a2, e, _xp(xw, 2, 8), c4, 3, 4, S)
+        a0 = _twin_pair(a0, ev, _xp(xw, 4, 8), c0, 3, 0, S)
+        a2 = _twin_pair(a2, ev, _xp(xw, 6, 8), c4, 3, 4, S)
+        a1 = _twin_pair(a1, o, _xp(xw, 1, 8), c0, 3, 0, S)
+        a3 = _twin_pair(a3, o, _xp(xw, 3, 8), c4, 3, 4, S)
+        a1 = _twin_pair(a1, ov, _xp(xw, 5, 8), c0, 3, 0, S)
+        a3 = _twin_pair(a3, ov, _xp(xw, 7, 8), c4, 3, 4, S)
+    return a0, a1, a2, a3
+
+
+# (a0 + a1) + (a2 + a3) in f16x2, then lane0 + lane1 in fp32: $0 fp32 out, $1..$4 the accumulators
+FLUSH_ASM = tl.constexpr(
+    "{\n.reg .b32 t, u;\n.reg .f16 l, h;\n.reg .f32 fl, fh;\n"
+    "add.rn.f16x2 t, $1, $2;\nadd.rn.f16x2 u, $3, $4;\nadd.rn.f16x2 t, t, u;\n"
+    "mov.b32 {l, h}, t;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 $0, fl, fh;\n}\n")
+
+
+@triton.jit
+def _flush(a0, a1, a2, a3, ASM: tl.constexpr):
+    """fp32 ``[BN]``: lane0 + lane1 of ``(a0 + a1) + (a2 + a3)`` (f16x2 sums, then fp32)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(FLUSH_ASM, "=r,r,r,r,r", [a0, a1, a2, a3], tl.float32, True, 1)
+    else:
+        one = 0x3C003C00
+        t = _fma2(a0, one, a1)
+        u = _fma2(a2, one, a3)
+        t = _fma2(t, one, u)
+        r = _lo(t).to(tl.float32) + _hi(t).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _xword(x_ptr, k, K, EVEN_K: tl.constexpr):
+    """int32 (x[k], x[k + 1]) (k even; 0 past K)."""
+    if EVEN_K:
+        r = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k // 2)
+    else:
+        xb = x_ptr.to(tl.pointer_type(tl.int16))
+        lo = tl.load(xb + k, mask=k < K, other=0).to(tl.int32)
+        hi = tl.load(xb + k + 1, mask=k + 1 < K, other=0).to(tl.int32)
+        r = (lo & 0xFFFF) | (hi << 16)
+    return r
+
+
+@triton.jit
+def _xdw(x_ptr, xq, k, OFF: tl.constexpr, K, EVEN_K: tl.constexpr):
+    """Two x words (x[k], x[k+1]), (x[k+2], x[k+3]) for k = tile start + OFF (OFF a multiple of 4):
+    one 64-bit load at a constant offset from the tile's ``xq`` (int64 pointer) when EVEN_K."""
+    if EVEN_K:
+        d = tl.load(xq + OFF // 4)
+        r = (d.to(tl.int32), (d >> 32).to(tl.int32))
+    else:
+        r = (_xword(x_ptr, k + OFF, K, EVEN_K), _xword(x_ptr, k + OFF + 2, K, EVEN_K))
+    return r
+
+
+@triton.jit
+def _xwords(x_ptr, xq, k, OFF: tl.constexpr, K, NW: tl.constexpr, EVEN_K: tl.constexpr):
+    """The NW (2, 4 or 8) x words from tile start ``k`` + OFF on, a tuple."""
+    w0, w1 = _xdw(x_ptr, xq, k, OFF, K, EVEN_K)
+    if NW == 2:
+        r = (w0, w1)
+    else:
+        w2, w3 = _xdw(x_ptr, xq, k, OFF + 4, K, EVEN_K)
+        if NW == 4:
+            r = (w0, w1, w2, w3)
+        else:
+            w4, w5 = _xdw(x_ptr, xq, k, OFF + 8, K, EVEN_K)
+            w6, w7 = _xdw(x_ptr, xq, k, OFF + 12, K, EVEN_K)
+            r = (w0, w1, w2, w3, w4, w5, w6, w7)
+    return r
+
+
+@triton.jit
+def _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS: tl.constexpr, ZMODE: tl.constexpr):
+    """Group ``gi``'s integer zeros, int32 ``[BN]`` (ZMODE 0: the middle code; 2: packed words)."""
+    if ZMODE == 0:
+        zi = cols * 0 + (1 << (BITS - 1))
+    else:
+        row = z_ptr + gi * ZW
+        if BITS == 3:
+            lo = tl.load(row + (cols >> 4), mask=cmask, other=0)
+            hi = tl.load(row + (N + 15) // 16 + (cols >> 5), mask=cmask, other=0)
+            zi = ((lo >> ((cols & 15) * 2)) & 3) | (((hi >> (cols & 31)) & 1) << 2)
+        else:
+            PW: tl.constexpr = 32 // BITS
+            LPW: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)
+            wz = tl.load(row + (cols >> LPW), mask=cmask, other=0)
+            zi = (wz >> ((cols & (PW - 1)) * BITS)) & ((1 << BITS) - 1)
+    return zi
+
+
+@triton.jit
+def _cp(zi, P: tl.constexpr, S: tl.constexpr):
+    """int32 [BN]: fp16x2 bits of ``-(2**(10 - P) + z) * 2**-S`` (needs ``z < 2**(10 - P)``): one IMAD."""
+    B: tl.constexpr = (0x8000 | ((25 - P - S) << 10)) * 0x10001
+    BS: tl.constexpr = B - (1 << 32) if B >= (1 << 31) else B
+    return zi * (0x10001 << P) + BS
+
+
+@triton.jit
+def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+                   N, K, n_lo, ZW, stride_om, k_per_split, n_split,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
+                   BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
+                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
+                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False):
+    """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
+
+    Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
+    multiple of 32). ``S = shift_for(BITS, BKS)``; ``ASM0``/``ASM1``: the PTX text (``asm_w24``,
+    ``asm_w8``, ``asm_w3`` for the two halves), used when ``ASM``.
+
+    ``PDL`` (launched with ``launch_pdl=True``, GPU only): programmatic dependent launch. The program
+    lets the next kernel launch at once, loads its first tile's words (they do not depend on the kernel
+    before: they warm L1/L2 while that one finishes), then waits for the previous grid before it reads
+    x or touches the split-K workspace and counters (which the previous kernel may still be reducing).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    a = tl.zeros([BN], dtype=tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        pf = tl.zeros([BN], dtype=tl.int32)  # the first tile's words, loaded before the wait
+        NPF: tl.constexpr = (BKS // 16 + BKS // 32) if BITS == 3 else BKS // (32 // BITS)
+        r0 = k_start // 16 if BITS == 3 else k_start // (32 // BITS)
+        nrows = n_lo + (K + 31) // 32 if BITS == 3 else (K * BITS + 31) // 32
+        for r in tl.static_range(NPF):
+            if BITS == 3 and r >= BKS // 16:
+                row = n_lo + k_start // 32 + (r - BKS // 16)
+            else:
+                row = r0 + r
+            pf |= tl.load(w_ptr + row * N + cols, mask=(cols * 0 + row < nrows) & cmask, other=0)
+        tl.extra.cuda.gdc_wait()
+        a += (pf & 0x3FFFFFFF).to(tl.float32, bitcast=True) * 0.0  # keeps the loads (finite: adds 0)
+    for k0 in range(k_start, k_end, BKS):
+        gi = k0 // GROUP
+        if EVEN_N:
+            s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
+        else:
+            s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
+        a0 = tl.zeros([BN], dtype=tl.int32)
+        a1 = tl.zeros([BN], dtype=tl.int32)
+        a2 = tl.zeros([BN], dtype=tl.int32)
+        a3 = tl.zeros([BN], dtype=tl.int32)
+        xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
+        if BITS == 3:
+            c0 = _cp(zi, 0, S)
+            c4 = _cp(zi, 4, S)
+            wl = w_ptr + (k0 // 16) * N + cols  # low-plane rows, advanced a row at a time
+            wh = w_ptr + (n_lo + k0 // 32) * N + cols  # high-plane rows
+            for r2 in tl.static_range(BKS // 32):
+                rr = k0 // 32 + r2
+                if MASKED:
+                    le = tl.load(wl, mask=(cols * 0 + 2 * rr < n_lo) & cmask, other=0)
+                    lo = tl.load(wl + N, mask=(cols * 0 + 2 * rr + 1 < n_lo) & cmask, other=0)
+                    hw = tl.load(wh, mask=(cols * 0 + rr < (K + 31) // 32) & cmask, other=0)
+                else:
+                    le = tl.load(wl)
+                    lo = tl.load(wl + N)
+                    hw = tl.load(wh)
+                wl += 2 * N
+                wh += N
+                xe = _xwords(x_ptr, xq, k0, 32 * r2, K, 8, EVEN_K)
+                a0, a1, a2, a3 = _word3(le, hw, xe, c0, c4, a0, a1, a2, a3, 0, S, ASM, ASM0)
+                xo = _xwords(x_ptr, xq, k0, 32 * r2 + 16, K, 8, EVEN_K)
+                a0, a1, a2, a3 = _word3(lo, hw, xo, c0, c4, a0, a1, a2, a3, 1, S, ASM, ASM1)
+        else:
+            PW: tl.constexpr = 32 // BITS
+            R: tl.constexpr = BKS // PW
+            if BITS == 8:
+                c0 = _cp(zi, 0, S)
+            elif BITS == 4:
+                cs = (_cp(zi, 0, S), _cp(zi, 4, S))
+            else:
+                cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+            wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
+            for r in tl.static_range(R):
+                if MASKED:
+                    w = tl.load(wp, mask=(cols * 0 + (k0 // PW + r) < (K + PW - 1) // PW) & cmask, other=0)
+                else:
+                    w = tl.load(wp)
+                wp += N
+                xw = _xwords(x_ptr, xq, k0, PW * r, K, PW // 2, EVEN_K)
+                if BITS == 8:
+                    if r % 2 == 0:
+                        a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)
+                    else:
+                        a2, a3 = _word8(w, xw, c0, a2, a3, S, ASM, ASM0)
+                else:
+                    a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
+        a += _flush(a0, a1, a2, a3, ASM) * s
+    a = a * (1 << S)  # the 2**-S folded into every d (exact)
+    if USE_WS:
+        tl.store(ws_ptr + pid_k * N + cols, a, mask=cmask, cache_modifier=".wt")
+        splitk_reduce(out_ptr, ws_ptr, lock_ptr, pid_n, n_split, 1, N, tl.arange(0, 1), cols, stride_om, 1, BN)
+    else:
+        tl.store(out_ptr + cols, a.to(out_ptr.dtype.element_ty), mask=cmask)
