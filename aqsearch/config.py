@@ -253,7 +253,10 @@ class Budget:
             return cls(num, "bpw")
         if unit not in _UNITS:
             raise AqError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} (use {_UNIT_NAMES})")
-        return cls(float(int(num * _UNITS[unit])), "bytes")
+        nbytes = int(num * _UNITS[unit])
+        if nbytes < 1:
+            raise AqError(f"invalid budget {text!r}: less than one byte")
+        return cls(float(nbytes), "bytes")
 
     def resolve(self, n_weights: int) -> int:
         """Bytes allowed for layers holding ``n_weights`` weights; more than they take in full precision

@@ -116,6 +116,14 @@ def drain(study, objective, heartbeat: int, on_tick=None) -> None:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
     waiting, running = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
+    # Optuna logs an interrupted or failed trial with a 30-line traceback at WARNING; an interrupt is
+    # answered by the CLI in one line, and a real failure still raises
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    started: list[int] = []
+
+    def tracked(trial):
+        started.append(trial.number)
+        return objective(trial)
 
     def stop_when_queue_empty(study, trial):
         if on_tick is not None:
@@ -127,7 +135,11 @@ def drain(study, objective, heartbeat: int, on_tick=None) -> None:
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails and is queued again
         if study.get_trials(deepcopy=False, states=(waiting,)):
-            study.optimize(objective, callbacks=[stop_when_queue_empty], catch=(QueueEmpty,))
+            try:
+                study.optimize(tracked, callbacks=[stop_when_queue_empty], catch=(QueueEmpty,))
+            except KeyboardInterrupt:
+                requeue_interrupted(study, started)
+                raise
             deadline = None
             continue
         live = study.get_trials(deepcopy=False, states=(running,))
@@ -150,3 +162,18 @@ def drain(study, objective, heartbeat: int, on_tick=None) -> None:
         if on_tick is not None:
             on_tick()
         time.sleep(min(heartbeat, 2))
+
+
+def requeue_interrupted(study, numbers: list[int]) -> None:
+    """Queue again, with the same parameters and labels, the trials this process started that an
+    interrupt (Ctrl-C) failed: a stopped study continues where it stopped."""
+    import optuna
+
+    for n in numbers:
+        t = study.trials[n]
+        if t.state != optuna.trial.TrialState.FAIL:
+            continue
+        fixed = t.system_attrs.get("fixed_params")
+        if fixed is None:
+            continue
+        study.enqueue_trial(fixed, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("warm_start", "unit")})

@@ -48,3 +48,23 @@ def test_one_unit_space_mutates_without_crashing(seed):
 
     study.optimize(objective, n_trials=12)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_parents_come_from_the_feasible_front_only():
+    """Catches a sampler that draws parents from every finished trial: with one front point (all units at
+    "a") and one dominated trial (all at "c"), every child stays within a few moves of the front point."""
+    from aqsearch.strategies.sampler import FrontMutationSampler
+
+    names = [f"u{i:02d}" for i in range(20)]
+    dist = {n: optuna.distributions.CategoricalDistribution(("w4g64", "w3g64", "w2g64")) for n in names}
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=FrontMutationSampler(seed=0))
+    front = {n: "w4g64" for n in names}
+    dominated = {n: "w2g64" for n in names}
+    study.add_trial(optuna.trial.create_trial(values=[0.1, 100.0], params=front, distributions=dist,
+                                              system_attrs={"constraints": [-1.0]}))
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 200.0], params=dominated, distributions=dist,
+                                              system_attrs={"constraints": [-1.0]}))
+    for _ in range(40):
+        t = study.ask(dist)
+        assert sum(t.params[n] != "w4g64" for n in names) <= 6  # at most 3 moves of 2 units from the front
+        study.tell(t, [1.0, 300.0])  # dominated too: the front stays one point

@@ -314,3 +314,34 @@ def test_run_study_with_two_workers_from_python(tiny_dir, tmp_path):
     done = st.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     assert len(done) == 4 and len({t.number for t in done}) == 4
     assert not st.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+
+def test_ctrl_c_during_a_trial_queues_it_again(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An interrupt inside a trial (the warm start uniform w8g128 here): the trial ends failed, and the same
+    parameters are queued again with their label, so the rerun evaluates that plan (catches a rerun that
+    queues a new sampled trial in its place); the command says one line, exit 130."""
+    import aqsearch.strategies.study as study_mod
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    real = study_mod.Objective.__call__
+    calls = []
+
+    def interrupt_second(self, trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, trial)
+
+    monkeypatch.setattr(study_mod.Objective, "__call__", interrupt_second)
+    assert main(search_argv(tiny_dir, url, "c", 5, "--warm-knapsack", "0")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aqsearch: interrupted") and not any("Traceback" in l for l in err)
+    st = load_study(url, "c")
+    failed = [t for t in st.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1
+    label = failed[0].user_attrs["warm_start"]
+    monkeypatch.setattr(study_mod.Objective, "__call__", real)
+    assert main(search_argv(tiny_dir, url, "c", 5, "--warm-knapsack", "0")) == 0
+    st = load_study(url, "c")
+    again = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("warm_start") == label]
+    assert len(again) == 1 and again[0].params == failed[0].system_attrs["fixed_params"]
