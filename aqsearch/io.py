@@ -24,7 +24,15 @@ def cache_dir(*parts: str) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "aqsearch"
     )
     p = Path(root, *parts)
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        if not os.access(p, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        from aqsearch.errors import AqError
+
+        raise AqError(f"cache folder {p} cannot be used ({e.strerror or e}): set AQSEARCH_CACHE to a writable "
+                      "folder") from None
     return p
 
 

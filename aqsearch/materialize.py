@@ -34,7 +34,7 @@ from torch import nn
 
 from aqsearch.config import Plan, QuantScheme
 from aqsearch.errors import AqError
-from aqsearch.io import atomic_dir, write_json_atomic
+from aqsearch.io import sha256_file, atomic_dir, write_json_atomic
 from aqsearch.memory import plan_bytes
 from aqsearch.models import BLOCK_LINEARS, FUSED, LayerInfo, decoder_blocks, decoder_layers, layer_name
 from aqsearch.quantlinear import QuantLinear
@@ -135,6 +135,7 @@ def save(model: nn.Module, plan: Plan, out_dir: str | Path, tokenizer=None, sour
             "tied": tied, **report.to_json()}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        meta["sha256"] = sha256_file(tmp / "model.safetensors")  # checked by load(): a damaged folder is refused
         Plan.from_layers({n: info["scheme"] for n, info in layers.items()}).save(str(tmp / "plan.json"))
         write_json_atomic(tmp / "aqsearch.json", meta)
         config = getattr(model, "config", None)
@@ -196,6 +197,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             q = QuantLinear(info["in_features"], info["out_features"], QuantScheme.parse(info["scheme"]),
                             bias=info["bias"], dtype=dtype)
             _set_module(model, name, q)
+    if meta.get("sha256") is not None and sha256_file(folder / "model.safetensors") != meta["sha256"]:
+        raise AqError(f"{folder}: model.safetensors does not match the sha256 in aqsearch.json (damaged or replaced)")
     state = _load_state(folder / "model.safetensors")
     if meta["version"] == 1:  # fp16 zeros of integer value -> the packed integer layout
         from aqsearch.kernels import pack_zeros

@@ -105,7 +105,7 @@ def test_generate_on_a_truncated_checkpoint(capsys, materialized, tmp_path):
     shutil.copytree(materialized, bad)
     with open(bad / "model.safetensors", "r+b") as f:
         f.truncate(4000)
-    one_line_error(capsys, ["generate", str(bad), "--prompt", "the fox", "--device", "cpu"], "truncated or damaged")
+    one_line_error(capsys, ["generate", str(bad), "--prompt", "the fox", "--device", "cpu"], "does not match the sha256")
 
 
 # ---- inputs that were taken silently ----------------------------------------------------------------
@@ -176,3 +176,38 @@ def test_missing_study_leaves_no_file_behind(capsys, tmp_path, cmd):
     for url, f in ((f"sqlite:///{tmp_path}/s.db", "s.db"), (f"journal:///{tmp_path}/s.log", "s.log")):
         one_line_error(capsys, [cmd, "--storage", url, "--study", "s", *extra], "storage file not found")
         assert not (tmp_path / f).exists()
+
+
+def test_cache_that_cannot_be_used_is_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
+    """AQSEARCH_CACHE pointing at a file (or a read-only folder): one line naming it, no traceback."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    monkeypatch.setenv("AQSEARCH_CACHE", str(f))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "w4g32", *DATA], "cache folder")
+
+
+def test_run_workdir_that_is_a_file(capsys, tiny_dir, tmp_path):
+    """``run`` has no --force: the message must not suggest one."""
+    f = tmp_path / "w"
+    f.write_text("x")
+    one_line_error(capsys, ["run", "--model", str(tiny_dir), "--workdir", str(f)], "is a file, not a folder")
+    assert "--force" not in capsys.readouterr().err
+
+
+def test_budget_under_one_byte(capsys, tiny_dir, tmp_path):
+    one_line_error(capsys, ["run", "--model", str(tiny_dir), "--budget", "0.5B", "--workdir", str(tmp_path / "w")],
+                   "less than one byte")
+    assert not (tmp_path / "w").exists()
+
+
+def test_damaged_materialized_folder_is_refused(capsys, tiny_dir, tmp_path):
+    """A materialized folder whose weights were changed after it was written (zeroed codes): refused."""
+    from aqsearch.cli import main
+
+    out = tmp_path / "m"
+    assert main(["materialize", "--model", str(tiny_dir), "--scheme", "w4g32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-64:] = bytes(64)
+    (out / "model.safetensors").write_bytes(bytes(data))
+    one_line_error(capsys, ["generate", str(out), "--prompt", "The"], "does not match the sha256")

@@ -22,8 +22,9 @@ def register(sub) -> dict:
     return {"eval": cmd_eval, "uniform": cmd_uniform}
 
 
-def setup(args):
-    """Model, evaluation set and reference shared by eval and uniform."""
+def setup(args, artifact=None):
+    """Model, evaluation set and reference shared by eval and uniform (an artifact is checked against the
+    model before any data is made)."""
     from aqsearch.data import calib_eval_sets, check_sources
     from aqsearch.models import load_model
     from aqsearch.quality import build_reference
@@ -31,6 +32,10 @@ def setup(args):
     device = resolve_device(args.device)
     check_sources(args.calib_data, args.eval_data)
     loaded = load_model(args.model, device=device)
+    if artifact is not None:
+        from aqsearch.models import check_plan_fits
+
+        check_plan_fits(artifact, loaded.model)
     _, ev = calib_eval_sets(loaded, args.calib_data, args.eval_data, eval_tokens=args.eval_tokens,
                             seqlen=args.seqlen, split=args.split)
     bs = args.batch_size or (8 if device.startswith("cuda") else 1)
@@ -42,14 +47,11 @@ def cmd_eval(args) -> int:
     from aqsearch.apply import rtn_weight
     from aqsearch.artifact import Artifact
     from aqsearch.config import Plan
-    from aqsearch.models import check_plan_fits
     from aqsearch.quality import evaluate
 
     art = Artifact(Plan.uniform(args.scheme)) if args.scheme is not None else (
         Artifact.load(args.plan) if args.plan is not None else None)
-    loaded, ev, ref, bs = setup(args)
-    if art is not None:
-        check_plan_fits(art, loaded.model)
+    loaded, ev, ref, bs = setup(args, art)
     m = evaluate(loaded.model, ref, art and art.plan, weight_fn=art.weight_fn() if art else rtn_weight, batch_size=bs)
     obj = {"model": args.model, "scheme": args.scheme, "plan": args.plan, **m.to_json(),
            "polished": bool(art and art.polished), "seqlen": ev.seqlen, "eval_data": ev.describe(),

@@ -32,6 +32,12 @@ def cmd_run(args) -> int:
     budget = parse_budget(args.budget)
     data = data_config(args)
     data.check()
+    from pathlib import Path
+
+    from aqsearch.errors import AqError
+
+    if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise AqError(f"--workdir: {args.workdir} is a file, not a folder")
     check_output(args.workdir, "--workdir", folder=True, keep=True)  # the study in it resumes; plan and plot are its own
     job = Job.resolve(args.model, budget, data=data, device=resolve_device(args.device), seed=args.seed)
     res = run(job, args.strategy, workdir=args.workdir, trials=args.trials)

@@ -76,8 +76,11 @@ def cmd_search(args) -> int:
     from aqsearch.job import Job
     from aqsearch.strategies.study import StudyConfig, check_resumable, pareto_front, run_study
 
+    from aqsearch.storage import make_storage
+
     budget = parse_budget(args.budget)
     check_storage(args.storage, create=True)
+    make_storage(args.storage, args.heartbeat)  # a storage that cannot be opened: one line, before any work
     data = data_config(args, args.calib_samples, args.calib_seqlen)
     data.check()
     bank_cfg = BankConfig(menu=_menu(args), granularity=args.granularity, steps=args.steps if args.train else 0,
