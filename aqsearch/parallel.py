@@ -56,7 +56,7 @@ def _worker(gpu: str, init, fn, jobs, results) -> None:
         return
     while True:
         try:
-            i, job = jobs.get_nowait()
+            i, job = jobs.get(timeout=2)  # not get_nowait: the parent's queue may not be flushed yet
         except queue.Empty:
             return
         try:
@@ -136,14 +136,19 @@ class Workers:
 
     def wait(self) -> list[Any]:
         out, errors = [], []
+        left = len(self.procs)
+        while left:  # read before joining: a worker's result must leave its queue for it to exit
+            try:
+                _, status, val = self.results.get(timeout=5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs):
+                    errors.append(f"{left} worker(s) exited without a result (killed, or out of memory?)")
+                    break
+                continue
+            left -= 1
+            (out if status == "ok" else errors).append(val)
         for p in self.procs:
             p.join()
-        while True:
-            try:
-                _, status, val = self.results.get(timeout=1)
-            except queue.Empty:
-                break
-            (out if status == "ok" else errors).append(val)
         if errors:
             raise JobFailed(f"a worker failed:\n{errors[0]}")
         return out
@@ -155,10 +160,16 @@ def start_workers(init: Callable[[], Any], fn: Callable[[Any, Any], Any], slots:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    jq, rq = ctx.Queue(), ctx.Queue()
-    for i in range(len(slots)):
-        jq.put((i, None))
-    procs = [ctx.Process(target=_worker, args=(g, init, fn, jq, rq), daemon=True) for g in slots]
+    rq = ctx.Queue()
+    procs = [ctx.Process(target=_worker_once, args=(g, init, fn, rq, i), daemon=True) for i, g in enumerate(slots)]
     for p in procs:
         p.start()
     return Workers(procs, rq)
+
+
+def _worker_once(gpu: str, init, fn, results, i: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything touches CUDA in this process
+    try:
+        results.put((i, "ok", fn(init(), None)))
+    except BaseException:
+        results.put((i, "error", traceback.format_exc()))

@@ -28,3 +28,15 @@ def test_without_gpus_jobs_run_here_in_order(monkeypatch):
     assert [r[0] for r in run_per_gpu(init, job, [3, 4], gpus=[])] == [9, 16]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert visible_gpus() == ["2", "3"]
+
+
+def test_a_parent_on_gpus_2_and_3_hands_its_workers_2_and_3(monkeypatch):
+    """Catches workers mapped to ``k % gpus`` (a parent on GPUs 2,3 sent them to GPUs 0 and 1): the
+    environment each spawned worker receives keeps the parent's own entries."""
+    from aqsearch.parallel import start_workers, worker_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    slots = worker_slots()
+    assert slots == ["2", "3"]
+    got = start_workers(init, job, slots).wait()  # each worker runs job(init(), None) once
+    assert sorted(r[2] for r in got) == ["2", "3"]
