@@ -559,7 +559,7 @@ class Shape:
 
         from aqsearch.config import Plan
         from aqsearch.data import TokenSet
-        from aqsearch.journal import Journal
+        from aqsearch.strategies.journal import Journal
         from aqsearch.polish import polish
         from aqsearch.training import TrainSettings
 
