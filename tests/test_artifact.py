@@ -22,6 +22,7 @@ def art(scheme="w4g32", shape=(160, 64), seed=0) -> Artifact:
 
 
 def test_round_trip(tmp_path):
+    """Catches an artifact that does not read back what it saved."""
     a = art()
     a.save(tmp_path / "p.json")
     b = Artifact.load(tmp_path / "p.json")

@@ -29,6 +29,7 @@ def run(capsys, *argv):
     (["eval", "--frobnicate"], "unrecognized arguments"),
 ])
 def test_bad_input_one_line(capsys, argv, needle):
+    """Catches bad input answered with a traceback or several lines."""
     rc, out, err = run(capsys, *argv)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
@@ -36,6 +37,7 @@ def test_bad_input_one_line(capsys, argv, needle):
 
 
 def test_bad_data_one_line(capsys, tiny_dir, tmp_path, text_file):
+    """Catches bad data files answered with a traceback."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(empty))
@@ -49,6 +51,7 @@ def test_bad_data_one_line(capsys, tiny_dir, tmp_path, text_file):
 
 
 def test_eval_json_on_stdout_only(capsys, tiny_dir, text_file, other_text_file):
+    """Catches progress or logs written to stdout under --json."""
     rc, out, err = run(capsys, "eval", "--model", str(tiny_dir), "--scheme", "w4g32", "--eval-data", str(text_file),
                        "--calib-data", str(other_text_file), "--eval-tokens", "128", "--seqlen", "64", "--json")
     assert rc == 0
@@ -60,6 +63,7 @@ def test_eval_json_on_stdout_only(capsys, tiny_dir, text_file, other_text_file):
 
 
 def test_run_marks_budget(capsys, tiny_dir, text_file):
+    """Catches uniform rows marked as fitting a budget they exceed."""
     rc, out, err = run(capsys, "uniform", "--model", str(tiny_dir), "--eval-data", str(text_file), "--eval-tokens", "64",
                        "--seqlen", "32", "--schemes", "w8g32,w2g32", "--budget", "4bpw", "--json")
     obj = json.loads(out)
@@ -68,6 +72,7 @@ def test_run_marks_budget(capsys, tiny_dir, text_file):
 
 
 def test_console_script_exit_status():
+    """Catches the console script exiting 0 or printing on stdout after bad input."""
     p = subprocess.run([sys.executable, "-m", "aqsearch", "eval", "--scheme", "w4g128x"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
 

@@ -54,11 +54,13 @@ def test_bad_data_refused_before_the_model_loads(data, needle, monkeypatch):
 
 
 def test_same_text_without_split_refused(text_file):
+    """Catches calibrating and evaluating on one text without a split."""
     with pytest.raises(AqError, match="pass --split"):
         DataConfig(str(text_file), str(text_file)).check()
 
 
 def test_budget_below_the_menu_refused(loaded):
+    """Catches a budget no plan of the menu can meet reaching the bank (it would build, then fail)."""
     with pytest.raises(AqError, match="below the smallest plan of the menu"):
         Job.resolve(loaded, "1KiB", data=SMALL)
 

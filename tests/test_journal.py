@@ -7,6 +7,7 @@ from aqsearch.strategies.journal import Journal, replay
 
 
 def test_journal_ignores_and_trims_a_torn_last_line(tmp_path):
+    """Catches a journal that fails on (or keeps) a line torn by a crash, or hides a corrupt one."""
     j = Journal(tmp_path / "j.jsonl")
     j.append({"type": "start"})
     with open(j.path, "a") as f:

@@ -9,6 +9,7 @@ from aqsearch.strategies.knapsack import solve
 
 
 def test_knapsack_equals_brute_force():
+    """Catches a knapsack that misses the least-error allocation (brute force over every choice)."""
     rng = random.Random(2)
     for _ in range(20):
         options = [[(rng.random(), rng.randrange(1, 9) * 100) for _ in range(3)] for _ in range(4)]

@@ -54,6 +54,7 @@ def test_finish_keeps_round_to_nearest_when_the_polish_is_worse(job, monkeypatch
 
 @pytest.mark.parametrize("strategy", ["knapsack", "study"])
 def test_run_returns_a_plan_within_the_budget(job, strategy, tmp_path):
+    """Catches a strategy whose pick exceeds the budget, or a uniform baseline that is not the largest menu scheme that fits."""
     res = run(job, strategy, workdir=tmp_path, trials=4)
     assert res["picked"]["bytes"] <= job.limit and (tmp_path / "plan.json").exists()
     assert res["uniform"]["scheme"] == "w4g64"  # the largest menu scheme within 5 bpw

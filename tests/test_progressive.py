@@ -34,6 +34,7 @@ def first_run(tiny_dir, tmp_path_factory):
 
 
 def test_plan_meets_budget_and_every_decision_is_logged(first_run, tiny_dir):
+    """Catches a plan over the budget, decisions missing from the journal, or an artifact whose plan is not the journal's final one."""
     tmp, out, jr = first_run
     obj = json.loads(out.read_text())
     recs = list(Journal(jr).records())
@@ -51,6 +52,7 @@ def test_plan_meets_budget_and_every_decision_is_logged(first_run, tiny_dir):
 
 
 def test_replay_gives_the_same_plan(first_run, capsys):
+    """Catches a replay that rebuilds another plan (or other weights) than the run wrote."""
     tmp, out, jr = first_run
     assert main(["replay", "--journal", str(jr), "--out", str(tmp / "replayed.json"), "--json"]) == 0
     a, b = json.loads(out.read_text()), json.loads((tmp / "replayed.json").read_text())
@@ -76,6 +78,7 @@ def test_replay_refuses_a_journal_whose_final_plan_was_edited(first_run, tmp_pat
 
 
 def test_kill_9_midway_then_resume_gives_the_same_plan(first_run, tiny_dir, tmp_path):
+    """Catches a resume that trains polished blocks again, or ends with another plan."""
     tmp, out, _ = first_run
     argv, out2, jr2 = progressive(tiny_dir, tmp_path, "4bpw", "b")
     env = dict(os.environ)
@@ -121,6 +124,7 @@ def test_a_gate_nothing_passes_rolls_back_and_the_rebalance_still_meets_the_budg
 
 
 def test_budget_below_the_smallest_plan_is_refused_at_once(tiny_dir, tmp_path, capsys):
+    """Catches an impossible budget found only after the bank was built."""
     argv, out, jr = progressive(tiny_dir, tmp_path, str(smallest_plan_bytes() - 1), "d")
     t0 = time.time()
     assert main(argv) == 2
@@ -132,6 +136,7 @@ def test_budget_below_the_smallest_plan_is_refused_at_once(tiny_dir, tmp_path, c
 
 @pytest.mark.parametrize("flag", ["--out", "--journal"])
 def test_unwritable_output_is_found_before_any_work(tiny_dir, tmp_path, capsys, flag):
+    """Catches an output path checked only at the end of the run."""
     argv, out, jr = progressive(tiny_dir, tmp_path, "4bpw", "e")
     argv[argv.index(flag) + 1] = "/proc/aqsearch-test/x"
     t0 = time.time()
@@ -143,6 +148,7 @@ def test_unwritable_output_is_found_before_any_work(tiny_dir, tmp_path, capsys, 
 
 @pytest.mark.parametrize("where", ["unwritable", "folder", "file"])
 def test_replay_out_that_cannot_or_should_not_be_written(first_run, tmp_path, capsys, where):
+    """Catches replay writing over a file without --force, or into a folder."""
     tmp, _, jr = first_run
     out = {"unwritable": "/proc/aqsearch-test/x.json", "folder": str(tmp_path), "file": str(tmp_path / "mine.json")}[where]
     if where == "file":
@@ -155,6 +161,7 @@ def test_replay_out_that_cannot_or_should_not_be_written(first_run, tmp_path, ca
 
 
 def test_journal_of_another_run_is_refused(first_run, tiny_dir, capsys):
+    """Catches a journal of another budget resumed as if it were this run's."""
     tmp, out, jr = first_run
     argv, _, _ = progressive(tiny_dir, tmp, "3bpw", "a", ["--force"])  # same journal, other budget
     assert main(argv) == 2
@@ -162,6 +169,7 @@ def test_journal_of_another_run_is_refused(first_run, tiny_dir, capsys):
 
 
 def test_unfinished_journal_cannot_be_replayed(tmp_path):
+    """Catches a replay that makes a plan from half a run."""
     j = Journal(tmp_path / "j.jsonl")
     j.append({"type": "start", "version": 1, "n_blocks": 3, "units": [{"name": "u", "layers": ["l"]}]})
     with pytest.raises(Exception, match="unfinished"):

@@ -30,6 +30,7 @@ def search_argv(tiny_dir, storage, study, trials, *extra):
 
 
 def test_space_bytes_are_exact():
+    """Catches a space whose byte count differs from the one bytes function on the plan it builds."""
     import random
 
     m = tiny_model()
@@ -61,6 +62,7 @@ def study(tiny_dir, tmp_path_factory):
 
 
 def test_front_is_non_dominated_and_warm_started(study, capsys):
+    """Catches a front holding dominated points, or a study without its uniform warm starts and stored fields."""
     url, d = study
     assert main(["front", "--storage", url, "--study", "s", "--plot", str(d / "front.png"), "--json"]) == 0
     pts = json.loads(capsys.readouterr().out)["points"]
@@ -76,6 +78,7 @@ def test_front_is_non_dominated_and_warm_started(study, capsys):
 
 
 def test_knapsack_allocations_start_the_study(study):
+    """Catches knapsack starts that exceed their budgets, repeat, or come in another order."""
     url, _ = study
     st = load_study(url, "s")
     info = st.user_attrs["aqsearch"]
@@ -90,6 +93,7 @@ def test_knapsack_allocations_start_the_study(study):
 
 
 def test_feasible_front_by_hand():
+    """Catches a front that keeps infeasible or dominated trials (hand-made trials)."""
     from aqsearch.strategies.sampler import feasible_front, scheme_cost
 
     def t(kl, b, c):
@@ -100,6 +104,7 @@ def test_feasible_front_by_hand():
 
 
 def test_local_sampler_moves_a_few_units_from_the_front(tiny_dir, tmp_path):
+    """Catches a sampler whose trials jump far from the front or repeat each other."""
     url = f"sqlite:///{tmp_path}/l.db"
     assert main(search_argv(tiny_dir, url, "l", 26, "--sampler", "local")) == 0
     st = load_study(url, "l")
@@ -115,6 +120,7 @@ def test_local_sampler_moves_a_few_units_from_the_front(tiny_dir, tmp_path):
 
 
 def test_pick_by_budget(study, tmp_path, capsys):
+    """Catches a pick over the budget or not the least KL within it, and a refusal that writes a file."""
     url, _ = study
     front = pareto_front(url, "s")
     mid = front[len(front) // 2]
@@ -133,6 +139,7 @@ def test_pick_by_budget(study, tmp_path, capsys):
 
 
 def test_same_seed_same_front(tiny_dir, tmp_path):
+    """Catches nondeterminism: the same seed must give the same front."""
     fronts = []
     for k in range(2):
         url = f"sqlite:///{tmp_path}/r{k}.db"
@@ -142,6 +149,7 @@ def test_same_seed_same_front(tiny_dir, tmp_path):
 
 
 def test_budget_below_smallest_model(tiny_dir, tmp_path, capsys):
+    """Catches a budget below every plan reaching the study instead of one line."""
     argv = search_argv(tiny_dir, f"sqlite:///{tmp_path}/b.db", "b", 3)
     argv[argv.index("6bpw")] = "1KiB"
     assert main(argv) == 2
@@ -150,6 +158,7 @@ def test_budget_below_smallest_model(tiny_dir, tmp_path, capsys):
 
 
 def test_kill_9_then_restart_completes(tiny_dir, tmp_path):
+    """Catches a restart that loses finished trials or never reruns the killed one."""
     url = f"sqlite:///{tmp_path}/k.db"
     argv = search_argv(tiny_dir, url, "k", 16, "--heartbeat", "1")
     env = dict(os.environ)
@@ -219,6 +228,7 @@ def test_trials_is_the_total_the_study_reaches(tiny_dir, tmp_path, capsys):
 
 
 def test_two_workers_on_postgresql(tiny_dir, postgres_url):
+    """Catches workers that duplicate or lose trials on a shared RDB storage."""
     argv = search_argv(tiny_dir, postgres_url, "pg", 20, "--workers", "2", "--heartbeat", "5")
     assert main(argv) == 0
     st = load_study(postgres_url, "pg")
