@@ -1,7 +1,7 @@
 """aqsearch: fit a causal LM into a memory budget with the least loss of quality.
 
 The pipeline: a :class:`Job` (everything resolved once) -> a :class:`Bank` of scored candidates -> a
-strategy (``knapsack``, ``progressive``, ``study``) returns a :class:`Plan` -> :func:`polish` -> an
+strategy (``knapsack``, ``progressive``, ``study``) returns a :class:`Plan` -> ``aqsearch.polish.polish`` -> an
 :class:`Artifact`; :func:`run` does all of it (README, "Python").
 
 >>> import aqsearch
@@ -44,7 +44,6 @@ _LAZY = {
     "run_study": "aqsearch.strategies.study",
     "pareto_front": "aqsearch.strategies.study",
     "pick": "aqsearch.strategies.study",
-    "polish": "aqsearch.polish",
     "Artifact": "aqsearch.artifact",
     "run": "aqsearch.pipeline",
     "finish": "aqsearch.pipeline",
