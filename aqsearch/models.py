@@ -224,7 +224,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a cached load takes seconds; its bar would only crowd stderr
+    hf_logging.disable_progress_bar()
+    try:  # a hub id without network: huggingface_hub logs every retry; the one-line error below says it all
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass  # a cached load takes seconds; its bar would only crowd stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
     src = resolve_source(spec)
     try:
