@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, eval_tokens=2048, seqlen=256)
     p.add_argument("--schemes", default="w8g128,w4g64,w4g128,w3g64,w2g64", help="comma-separated schemes")
     p.add_argument("--budget", default=None, help=BUDGET_HELP)
+    p = sub.add_parser("export", help="write an artifact as a folder that transformers / vLLM load (GPTQ, compressed-tensors)")
+    p.add_argument("artifact", help="plan JSON written by run or pick (its trained weights file beside it)")
+    p.add_argument("--format", required=True, help="gptq or compressed-tensors")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_model(p)
     _plugins(sub)
     return ap
 
@@ -203,7 +209,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"eval": cmd_eval, "run": cmd_run, "uniform": cmd_uniform}
+def cmd_export(args) -> int:
+    """``aqsearch export ARTIFACT --format F --out DIR``: the library's :func:`aqsearch.export.export`."""
+    from aqsearch.artifact import read_artifact
+    from aqsearch.export import check_format, check_loaders, export
+    from aqsearch.io import check_output
+    from aqsearch.models import load_model
+
+    check_format(args.format)
+    plan, tensors = read_artifact(args.artifact)
+    check_output(args.out, folder=True, force=args.force)
+    check_loaders(args.format)
+    loaded = load_model(args.model, device=resolve_device(args.device))
+    info = export(loaded.model, plan, tensors, args.out, args.format, loaded.tokenizer)
+    obj = {"artifact": args.artifact, "model": args.model, **info}
+    _emit(args, obj, f"wrote {args.out} ({args.format}): {info['layers_quantized']}/{info['layers']} decoder Linears "
+                     f"quantized, {info['bytes']:,} bytes of quantized tensors (the plan counts {info['plan_bytes']:,})")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "run": cmd_run, "uniform": cmd_uniform, "export": cmd_export}
 # Modules that add their own subcommands: each has ``register(sub) -> {name: handler}`` and keeps
 # its heavy imports inside the handlers.
 PLUGINS = ("aqsearch.cli_progressive", "aqsearch.cli_search", "aqsearch.materialize")

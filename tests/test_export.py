@@ -1,0 +1,401 @@
+"""``aqsearch export``: GPTQ (with ``dynamic``) and compressed-tensors ``pack-quantized`` folders.
+
+The references are independent of aqsearch's packing: compressed-tensors folders are loaded by
+transformers' own ``from_pretrained`` with the compressed-tensors package; GPTQ folders (whose loader,
+gptqmodel 7.x, does not import on this CPU-only torch: README "Export") are read by
+:func:`gptq_reference_load`, GPTQ's classic torch dequantization (AutoGPTQ's ``QuantLinear`` / vLLM's
+old torch path: per-word shift tables, the 3-bit three-word scheme, ``zeros + 1`` for v1) and vLLM's
+``dynamic`` rule matching (``re.match``, ``-:`` skips, first match wins). The oracle is aqsearch's own
+dequantized model (``aqsearch.apply.quantized`` with the artifact's weights).
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from aqsearch.apply import quantized
+from aqsearch.artifact import write_artifact
+from aqsearch.cli import main
+from aqsearch.config import Plan, QuantScheme
+from aqsearch.errors import AqError
+from aqsearch.export import export, pack_stream, unpack_stream
+from aqsearch.materialize import generate, load as load_materialized
+from aqsearch.memory import plan_bytes
+from aqsearch.quantizers import quantize
+from aqsearch.weights import trained_weight_fn
+from tinymodels import tiny_model, tiny_tokenizer
+
+# Three+ schemes, per layer; down_proj (K = 160) at g64 leaves a short last group of 32 (GPTQ only).
+GPTQ_PLAN = {"_default": "w4g32", "re:.*down_proj": "w3g64", "re:.*up_proj": "w2g32", "re:.*v_proj": "w8g128",
+             "re:.*k_proj": "w4g32s", "model.layers.1.self_attn.o_proj": None}
+# compressed-tensors needs groups that divide K (64 and 160 here). transformers 5.25 loads a mixed plan only
+# when it is symmetric (README "Export"); the asymmetric mixed plan is read by the format's own decompressor.
+CT_PLAN = {"_default": "w4g32", "re:.*down_proj": "w3g32", "re:.*up_proj": "w2g32", "re:.*v_proj": "w8g64",
+           "re:.*k_proj": "w4g32s", "model.layers.1.self_attn.o_proj": None}
+CT_SYM_PLAN = {"_default": "w4g32s", "re:.*down_proj": "w3g32s", "re:.*up_proj": "w2g32s", "re:.*v_proj": "w8g64s",
+               "model.layers.1.self_attn.o_proj": None}
+PROMPTS = ("The quick brown fox", "Quantization stores weights", "Memory budgets decide")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama whose weights are fp16 values (the export stores unquantized tensors in fp16), saved."""
+    d = tmp_path_factory.mktemp("tiny")
+    m = tiny_model()
+    m.half().float()
+    m.save_pretrained(d / "model")
+    tiny_tokenizer().save_pretrained(d / "model")
+    return d / "model"
+
+
+def _artifact(folder, plan_layers, path):
+    """An artifact with trained-looking weights: codes shifted by random rounding offsets on some layers."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    plan = Plan.from_json({"version": 2, "layers": plan_layers})
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"):
+        w = m.get_submodule(name).weight
+        tensors[name] = quantize(w, plan.scheme_for(name), v=torch.rand(w.shape, generator=g) - 0.5)
+    write_artifact(path, plan, tensors, {"bytes": plan_bytes(m, plan).bytes})
+    return m.eval(), plan, tensors
+
+
+def _oracle_logits(m, plan, tensors, ids):
+    with torch.no_grad(), quantized(m, plan, weight_fn=trained_weight_fn(tensors)):
+        return m(ids).logits
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _export_cli(art, folder, fmt, out, *extra):
+    return main(["export", str(art), "--format", fmt, "--out", str(out), "--model", str(folder), "--device", "cpu",
+                 *extra])
+
+
+# ---- GPTQ's own reading of a folder (independent of aqsearch.export) -----------------------------------
+
+
+def _gptq_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [words, C] -> values [words * 32 / bits, C], as AutoGPTQ's torch QuantLinear unpacks."""
+    if bits in (2, 4, 8):
+        wf = torch.arange(0, 32, bits, dtype=torch.int32)
+        v = torch.bitwise_right_shift(packed.unsqueeze(1).expand(-1, 32 // bits, -1), wf.view(1, -1, 1))
+        return torch.bitwise_and(v, (1 << bits) - 1).reshape(-1, packed.shape[1])
+    wf = torch.tensor([[0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 0], [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31],
+                       [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 0]], dtype=torch.int32).reshape(1, 3, 12, 1)
+    w = packed.reshape(packed.shape[0] // 3, 3, 1, packed.shape[1]).expand(-1, -1, 12, -1)
+    w = (w >> wf) & 0x7
+    w[:, 0, 10] = (w[:, 0, 10] & 0x3) | ((w[:, 1, 0] << 2) & 0x4)
+    w[:, 1, 11] = (w[:, 1, 11] & 0x1) | ((w[:, 2, 0] << 1) & 0x6)
+    w = w & 0x7
+    return torch.cat([w[:, 0, :11], w[:, 1, 1:12], w[:, 2, 1:11]], dim=1).reshape(-1, packed.shape[1])
+
+
+def _dynamic(cfg: dict, name: str):
+    """vLLM's ``get_dynamic_override``: ``False`` (kept unquantized), an override dict, or ``None``."""
+    for pat, over in (cfg.get("dynamic") or {}).items():
+        if pat.startswith("-:"):
+            if re.match(pat[2:], name):
+                return False
+        elif re.match(pat.removeprefix("+:"), name):
+            return over
+    return None
+
+
+def gptq_reference_load(folder):
+    """The model of a GPTQ folder, its quantized Linears dequantized the way GPTQ's torch path does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    plain = {k: v.float() for k, v in state.items() if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
+    missing, _ = model.load_state_dict(plain, strict=False)
+    offset = 0 if cfg["checkpoint_format"] == "gptq_v2" else 1
+    for key in [k for k in state if k.endswith(".qweight")]:
+        name = key.removesuffix(".qweight")
+        over = _dynamic(cfg, name)
+        assert over is not False, f"{name} is stored quantized but dynamic skips it"
+        bits = (over or {}).get("bits", cfg["bits"])
+        zeros = _gptq_unpack(state[f"{name}.qzeros"].t().contiguous(), bits).t() + offset  # [G, N]
+        codes = _gptq_unpack(state[f"{name}.qweight"], bits)  # [K, N]
+        g_idx = state[f"{name}.g_idx"].long()
+        w = state[f"{name}.scales"].float()[g_idx] * (codes.float() - zeros.float()[g_idx])
+        model.get_submodule(name).weight.data = w.t().contiguous()
+        missing.remove(f"{name}.weight")
+    assert missing == ["lm_head.weight"] or missing == [], missing  # tied to the embeddings
+    model.tie_weights()
+    return model
+
+
+# ---- the packing primitive ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_stream_is_gptqs_bit_stream(bits):
+    """GPTQ's own unpacking (shift tables, 3-bit three-word scheme) reads what pack_stream writes.
+    Catches: 3-bit codes packed as aqsearch's two planes, or values at the wrong bit offset."""
+    v = torch.randint(0, 1 << bits, (96, 5))
+    p = pack_stream(v, bits)
+    assert p.dtype == torch.int32 and p.shape == (96 * bits // 32, 5)
+    assert torch.equal(_gptq_unpack(p, bits).long(), v)
+    assert torch.equal(unpack_stream(p, bits, 96), v)
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------
+
+
+def test_gptq_mixed_plan_matches_aqsearch(tiny_folder, tmp_path):
+    """Six schemes (2/3/4/8 bits, symmetric, a short last group, one layer kept in fp16) exported from an
+    artifact with trained codes: GPTQ's reading gives aqsearch's logits (64 tokens, rel. error <= 1e-3).
+    Catches: zeros stored as z instead of z - 1 in v1 (and the reverse), codes packed in aqsearch's 3-bit
+    planes, a dynamic pattern that misses a layer, trained tensors ignored."""
+    art = tmp_path / "plan.json"
+    m, plan, tensors = _artifact(tiny_folder, GPTQ_PLAN, art)
+    out = tmp_path / "gptq"
+    assert _export_cli(art, tiny_folder, "gptq", out) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["desc_act"] is False
+    assert json.loads((out / "quantize_config.json").read_text()) == cfg
+    assert (out / "tokenizer.json").exists()
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(0))
+    got = gptq_reference_load(out)(ids).logits
+    assert _rel(got, _oracle_logits(m, plan, tensors, ids)) <= 1e-3
+    # the trained tensors, not round-to-nearest, were exported
+    assert _rel(got, _oracle_logits(m, plan, {}, ids)) > 1e-3
+
+
+def test_gptq_v2_when_a_zero_is_0(tiny_folder, tmp_path):
+    """A group whose zero is 0 cannot be stored as v1's zero - 1: the checkpoint is written as gptq_v2 (zeros
+    as they are) and still reads exactly. Catches: a -1 wrapped into 2^b - 1 (v1 readers carry into the
+    next zero), or v2 zeros still stored minus one."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    with torch.no_grad():  # non-negative weights: every zero is 0
+        m.model.layers[0].mlp.gate_proj.weight.abs_()
+    plan = Plan.uniform("w4g32")
+    info = export(m, plan, {}, tmp_path / "g", "gptq")
+    assert info["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(0))
+    assert _rel(gptq_reference_load(tmp_path / "g")(ids).logits, _oracle_logits(m, plan, {}, ids)) <= 1e-3
+
+
+def test_gptq_dynamic_patterns_match_vllm_fused_names(tiny_folder, tmp_path):
+    """Each override also names vLLM's fused module (qkv_proj, gate_up_proj), and a kept layer is a ``-:``
+    skip. Catches: patterns that only match the unfused names (vLLM would use the base scheme)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    plan = Plan.from_json({"version": 2, "layers": {"_default": "w4g32", "re:model.layers.1.self_attn.[qkv]_proj": "w8g32",
+                                                    "model.layers.0.mlp.down_proj": None}})
+    cfg = export(m, plan, {}, tmp_path / "g", "gptq")["quantization_config"]
+    assert _dynamic(cfg, "model.layers.1.self_attn.qkv_proj") == {"bits": 8, "group_size": 32, "sym": False}
+    assert _dynamic(cfg, "model.layers.0.self_attn.qkv_proj") is None
+    assert _dynamic(cfg, "model.layers.0.mlp.down_proj") is False
+    assert _dynamic(cfg, "model.layers.10.mlp.down_proj") is None
+
+
+# ---- compressed-tensors -------------------------------------------------------------------------------
+
+
+def _ct_load(folder, dequantize=False):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu", **kw).eval()
+
+
+def ct_reference_load(folder):
+    """The model of a compressed-tensors folder, each quantized Linear decompressed by compressed-tensors' own
+    ``PackedQuantizationCompressor.decompress`` with its own config group's scheme."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = QuantizationConfig.model_validate(json.loads((folder / "config.json").read_text())["quantization_config"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k: v.float() for k, v in state.items() if "weight_" not in k}, strict=False)
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    for group in cfg.config_groups.values():
+        for name in group.targets:
+            sd = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
+            model.get_submodule(name).weight.data = compressor.decompress(sd, group)["weight"].float()
+    model.tie_weights()
+    return model
+
+
+def test_compressed_tensors_mixed_plan(tiny_folder, tmp_path):
+    """Five schemes (2/3/4/8 bits, one symmetric, one layer kept) from an artifact with trained codes, read by
+    compressed-tensors' own decompressor per config group: aqsearch's logits on 64 tokens within 1e-3 (it
+    dequantizes in fp16). Catches: zero points off by one (the format's 2^(b-1) offset applied twice or
+    not at all), 3-bit codes in aqsearch's two planes, zeros packed along the wrong axis."""
+    art = tmp_path / "plan.json"
+    m, plan, tensors = _artifact(tiny_folder, CT_PLAN, art)
+    out = tmp_path / "ct"
+    assert _export_cli(art, tiny_folder, "compressed-tensors", out) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == 5
+    assert (out / "tokenizer.json").exists()
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(ct_reference_load(out)(ids).logits, _oracle_logits(m, plan, tensors, ids)) <= 1e-3
+
+
+def test_compressed_tensors_loads_in_transformers(tiny_folder, tmp_path):
+    """transformers' from_pretrained with compressed-tensors on the CPU: a mixed symmetric plan (four schemes,
+    2/3/4/8 bits, one layer kept) on its default route, and a uniform asymmetric plan with ``dequantize=True``;
+    aqsearch's logits within 1e-3 on 64 tokens. Catches: the symmetric offset off by one, zeros off by one,
+    a config group naming the wrong layers."""
+    m, plan, tensors = _artifact(tiny_folder, CT_SYM_PLAN, tmp_path / "plan.json")
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(0))
+    export(m, plan, tensors, tmp_path / "sym", "compressed-tensors")
+    with torch.no_grad():
+        assert _rel(_ct_load(tmp_path / "sym")(ids).logits, _oracle_logits(m, plan, tensors, ids)) <= 1e-3
+    uni = Plan.uniform("w3g32")
+    export(m, uni, {}, tmp_path / "asym", "compressed-tensors")
+    with torch.no_grad():
+        assert _rel(_ct_load(tmp_path / "asym", True)(ids).logits, _oracle_logits(m, uni, {}, ids)) <= 1e-3
+
+
+# ---- greedy text against aqsearch generate ------------------------------------------------------------
+
+
+def test_greedy_tokens_match_aqsearch_generate(tiny_folder, tmp_path):
+    """From three prompts, the exported pick (compressed-tensors in transformers; GPTQ as GPTQ reads it) gives
+    the greedy tokens that ``aqsearch generate`` gives on the same artifact materialized. Catches: any
+    export that changes what the model predicts (wrong zeros, planes, dropped trained weights)."""
+    art = tmp_path / "plan.json"
+    _artifact(tiny_folder, CT_SYM_PLAN, art)
+    assert main(["materialize", "--plan", str(art), "--model", str(tiny_folder), "--out", str(tmp_path / "mat"),
+                 "--device", "cpu"]) == 0
+    mat, tok = load_materialized(tmp_path / "mat")
+    for fmt in ("compressed-tensors", "gptq"):
+        assert _export_cli(art, tiny_folder, fmt, tmp_path / fmt) == 0
+    models = {"compressed-tensors": _ct_load(tmp_path / "compressed-tensors"),
+              "gptq": gptq_reference_load(tmp_path / "gptq")}
+    for prompt in PROMPTS:
+        want = generate(mat, tok, prompt, 12)["tokens"]
+        for fmt, lm in models.items():
+            assert generate(lm, tok, prompt, 12)["tokens"] == want, (fmt, prompt)
+
+
+# ---- bytes --------------------------------------------------------------------------------------------
+
+
+def test_exported_bytes_equal_the_plans(tiny_folder, tmp_path):
+    """Codes, scales and zeros as written equal aqsearch's byte count for integer-zero asymmetric plans;
+    the differences are exactly those the README states: GPTQ's g_idx (4 bytes an input) and stored zeros
+    of symmetric schemes, compressed-tensors' weight_shape (16 bytes a layer), and b-bit zeros for ``f``
+    schemes. Catches: a padded or duplicated tensor, a layer missing from the folder."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    plan = Plan.from_json({"version": 2, "layers": {"_default": "w4g32", "re:.*down_proj": "w3g32", "re:.*up_proj": "w2g32",
+                                                    "model.layers.1.self_attn.o_proj": None}})
+    n_q = 13
+    for fmt, per_layer in (("gptq", None), ("compressed-tensors", 16)):
+        info = export(m, plan, {}, tmp_path / fmt, fmt)
+        assert info["bytes"] == info["plan_bytes"] == plan_bytes(m, plan).bytes
+        with safe_open(str(tmp_path / fmt / "model.safetensors"), "pt") as f:
+            on_disk = {k: f.get_tensor(k) for k in f.keys()}
+        quant = [k for k in on_disk if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "weight_packed",
+                                                                 "weight_scale", "weight_zero_point")]
+        kept = on_disk["model.layers.1.self_attn.o_proj.weight"]  # the governed layer the plan keeps, fp16
+        assert kept.dtype == torch.float16
+        assert sum(on_disk[k].numel() * on_disk[k].element_size() for k in quant) + kept.numel() * 2 == info["bytes"]
+        k_total = sum(l.in_features for l in __import__("aqsearch.models").models.decoder_layers(m)
+                      if plan.scheme_for(l.name) is not None)
+        assert info["bookkeeping_bytes"] == (4 * k_total if fmt == "gptq" else per_layer * n_q)
+    sym = Plan.uniform("w4g32s")
+    zeros = sum(l.out_features * 4 // 8 * (l.in_features // 32)
+                for l in __import__("aqsearch.models").models.decoder_layers(m))
+    assert export(m, sym, {}, tmp_path / "gs", "gptq")["bytes"] == plan_bytes(m, sym).bytes + zeros
+    assert export(m, sym, {}, tmp_path / "cs", "compressed-tensors")["bytes"] == plan_bytes(m, sym).bytes
+    fz = Plan.uniform("w4g32f")
+    assert export(m, fz, {}, tmp_path / "cf", "compressed-tensors")["bytes"] == plan_bytes(m, Plan.uniform("w4g32")).bytes
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def _one_line_exit_2(capsys, argv, says):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
+def _nothing_written(parent, before):
+    assert sorted(os.listdir(parent)) == before  # no folder, no temporary left beside it
+
+
+def test_scheme_a_format_cannot_hold_is_refused(tiny_folder, tmp_path, capsys):
+    """A short last group (down_proj: 160 inputs at g64) for compressed-tensors is refused in one line naming
+    the scheme and the layer, and nothing is written. Catches: a short group silently padded or regrouped."""
+    art = tmp_path / "plan.json"
+    _artifact(tiny_folder, {"_default": "w4g32", "model.layers.0.mlp.down_proj": "w4g64"}, art)
+    before = sorted(os.listdir(tmp_path))
+    _one_line_exit_2(capsys, ["export", str(art), "--format", "compressed-tensors", "--out", str(tmp_path / "out"),
+                              "--model", str(tiny_folder)], "layer model.layers.0.mlp.down_proj (w4g64)")
+    _nothing_written(tmp_path, before)
+
+
+def test_gptq_refuses_a_layer_it_cannot_pack(tmp_path):
+    """GPTQ packs in blocks of 32 along K and N: a 48-wide layer is refused by name. Catches: a ragged last
+    word written that GPTQ's 3-bit reader would misalign."""
+    m = tiny_model(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=3)
+    with pytest.raises(AqError, match=r"layer model\.layers\.0\.self_attn\.q_proj \(w4g32\).*48 x 48"):
+        export(m, Plan.uniform("w4g32"), {}, tmp_path / "g", "gptq")
+    assert not (tmp_path / "g").exists()
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tiny_folder, tmp_path, capsys):
+    """Unknown format; weights file missing; weights file not matching its hash; an existing non-empty --out
+    without --force: one line, exit 2, nothing written. Catches: a skipped hash check, a half-written folder."""
+    art = tmp_path / "a" / "plan.json"
+    art.parent.mkdir()
+    _artifact(tiny_folder, CT_PLAN, art)
+    out = tmp_path / "o" / "x"
+    out.parent.mkdir()
+    base = ["export", str(art), "--out", str(out), "--model", str(tiny_folder), "--format"]
+    _one_line_exit_2(capsys, base + ["onnx"], "--format 'onnx' is not a format aqsearch exports")
+    wfile = art.with_suffix(".weights.safetensors")
+    good = wfile.read_bytes()
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    wfile.write_bytes(bytes(bad))
+    _one_line_exit_2(capsys, base + ["gptq"], "does not match the sha256")
+    wfile.unlink()
+    _one_line_exit_2(capsys, base + ["gptq"], "weights file not found")
+    _nothing_written(out.parent, [])
+    wfile.write_bytes(good)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_exit_2(capsys, base + ["gptq"], "exists and is not empty (use --force")
+    assert sorted(os.listdir(out)) == ["keep.txt"] and sorted(os.listdir(out.parent)) == ["x"]
+    assert _export_cli(art, tiny_folder, "gptq", out, "--force") == 0 and not (out / "keep.txt").exists()
+
+
+def test_missing_extra_says_which(tiny_folder, tmp_path, capsys, monkeypatch):
+    """Without compressed-tensors the command names the extra in one line, exit 2, before any work.
+    (The package is hidden from the import system: ``sys.modules[name] = None`` makes importing it fail.)"""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    art = tmp_path / "plan.json"
+    _artifact(tiny_folder, CT_PLAN, art)
+    _one_line_exit_2(capsys, ["export", str(art), "--format", "compressed-tensors", "--out", str(tmp_path / "o"),
+                              "--model", str(tiny_folder)], "pip install 'aqsearch[export]'")
+    assert not (tmp_path / "o").exists()
