@@ -1,17 +1,14 @@
 """``aqsearch export``: GPTQ (with ``dynamic``) and compressed-tensors ``pack-quantized`` folders.
 
 The references are independent of aqsearch's packing: compressed-tensors folders are loaded by
-transformers' own ``from_pretrained`` with the compressed-tensors package; GPTQ folders (whose loader,
-gptqmodel 7.x, does not import on this CPU-only torch: README "Export") are read by
-:func:`gptq_reference_load`, GPTQ's classic torch dequantization (AutoGPTQ's ``QuantLinear`` / vLLM's
-old torch path: per-word shift tables, the 3-bit three-word scheme, ``zeros + 1`` for v1) and vLLM's
-``dynamic`` rule matching (``re.match``, ``-:`` skips, first match wins). The oracle is aqsearch's own
-dequantized model (``aqsearch.apply.quantized`` with the artifact's weights).
+transformers' own ``from_pretrained`` with the compressed-tensors package, or decompressed by that
+package's own compressor; GPTQ folders (whose loader, gptqmodel 7.x, does not import on this CPU-only
+torch: README "Export") are read the way GPTQ's classic torch path reads them (``export_readers``). The
+oracle is aqsearch's own dequantized model (``aqsearch.apply.quantized`` with the artifact's weights).
 """
 
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -20,13 +17,14 @@ from safetensors import safe_open
 from aqsearch.apply import quantized
 from aqsearch.artifact import write_artifact
 from aqsearch.cli import main
-from aqsearch.config import Plan, QuantScheme
+from aqsearch.config import Plan
 from aqsearch.errors import AqError
 from aqsearch.export import export, pack_stream, unpack_stream
 from aqsearch.materialize import generate, load as load_materialized
 from aqsearch.memory import plan_bytes
 from aqsearch.quantizers import quantize
 from aqsearch.weights import trained_weight_fn
+from export_readers import dynamic_override, gptq_unpack, ct_reference_load, gptq_reference_load
 from tinymodels import tiny_model, tiny_tokenizer
 
 # Three+ schemes, per layer; down_proj (K = 160) at g64 leaves a short last group of 32 (GPTQ only).
@@ -81,63 +79,6 @@ def _export_cli(art, folder, fmt, out, *extra):
                  *extra])
 
 
-# ---- GPTQ's own reading of a folder (independent of aqsearch.export) -----------------------------------
-
-
-def _gptq_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [words, C] -> values [words * 32 / bits, C], as AutoGPTQ's torch QuantLinear unpacks."""
-    if bits in (2, 4, 8):
-        wf = torch.arange(0, 32, bits, dtype=torch.int32)
-        v = torch.bitwise_right_shift(packed.unsqueeze(1).expand(-1, 32 // bits, -1), wf.view(1, -1, 1))
-        return torch.bitwise_and(v, (1 << bits) - 1).reshape(-1, packed.shape[1])
-    wf = torch.tensor([[0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 0], [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31],
-                       [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 0]], dtype=torch.int32).reshape(1, 3, 12, 1)
-    w = packed.reshape(packed.shape[0] // 3, 3, 1, packed.shape[1]).expand(-1, -1, 12, -1)
-    w = (w >> wf) & 0x7
-    w[:, 0, 10] = (w[:, 0, 10] & 0x3) | ((w[:, 1, 0] << 2) & 0x4)
-    w[:, 1, 11] = (w[:, 1, 11] & 0x1) | ((w[:, 2, 0] << 1) & 0x6)
-    w = w & 0x7
-    return torch.cat([w[:, 0, :11], w[:, 1, 1:12], w[:, 2, 1:11]], dim=1).reshape(-1, packed.shape[1])
-
-
-def _dynamic(cfg: dict, name: str):
-    """vLLM's ``get_dynamic_override``: ``False`` (kept unquantized), an override dict, or ``None``."""
-    for pat, over in (cfg.get("dynamic") or {}).items():
-        if pat.startswith("-:"):
-            if re.match(pat[2:], name):
-                return False
-        elif re.match(pat.removeprefix("+:"), name):
-            return over
-    return None
-
-
-def gptq_reference_load(folder):
-    """The model of a GPTQ folder, its quantized Linears dequantized the way GPTQ's torch path does."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    plain = {k: v.float() for k, v in state.items() if not k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
-    missing, _ = model.load_state_dict(plain, strict=False)
-    offset = 0 if cfg["checkpoint_format"] == "gptq_v2" else 1
-    for key in [k for k in state if k.endswith(".qweight")]:
-        name = key.removesuffix(".qweight")
-        over = _dynamic(cfg, name)
-        assert over is not False, f"{name} is stored quantized but dynamic skips it"
-        bits = (over or {}).get("bits", cfg["bits"])
-        zeros = _gptq_unpack(state[f"{name}.qzeros"].t().contiguous(), bits).t() + offset  # [G, N]
-        codes = _gptq_unpack(state[f"{name}.qweight"], bits)  # [K, N]
-        g_idx = state[f"{name}.g_idx"].long()
-        w = state[f"{name}.scales"].float()[g_idx] * (codes.float() - zeros.float()[g_idx])
-        model.get_submodule(name).weight.data = w.t().contiguous()
-        missing.remove(f"{name}.weight")
-    assert missing == ["lm_head.weight"] or missing == [], missing  # tied to the embeddings
-    model.tie_weights()
-    return model
-
-
 # ---- the packing primitive ----------------------------------------------------------------------------
 
 
@@ -148,7 +89,7 @@ def test_pack_stream_is_gptqs_bit_stream(bits):
     v = torch.randint(0, 1 << bits, (96, 5))
     p = pack_stream(v, bits)
     assert p.dtype == torch.int32 and p.shape == (96 * bits // 32, 5)
-    assert torch.equal(_gptq_unpack(p, bits).long(), v)
+    assert torch.equal(gptq_unpack(p, bits).long(), v)
     assert torch.equal(unpack_stream(p, bits, 96), v)
 
 
@@ -200,10 +141,10 @@ def test_gptq_dynamic_patterns_match_vllm_fused_names(tiny_folder, tmp_path):
     plan = Plan.from_json({"version": 2, "layers": {"_default": "w4g32", "re:model.layers.1.self_attn.[qkv]_proj": "w8g32",
                                                     "model.layers.0.mlp.down_proj": None}})
     cfg = export(m, plan, {}, tmp_path / "g", "gptq")["quantization_config"]
-    assert _dynamic(cfg, "model.layers.1.self_attn.qkv_proj") == {"bits": 8, "group_size": 32, "sym": False}
-    assert _dynamic(cfg, "model.layers.0.self_attn.qkv_proj") is None
-    assert _dynamic(cfg, "model.layers.0.mlp.down_proj") is False
-    assert _dynamic(cfg, "model.layers.10.mlp.down_proj") is None
+    assert dynamic_override(cfg, "model.layers.1.self_attn.qkv_proj") == {"bits": 8, "group_size": 32, "sym": False}
+    assert dynamic_override(cfg, "model.layers.0.self_attn.qkv_proj") is None
+    assert dynamic_override(cfg, "model.layers.0.mlp.down_proj") is False
+    assert dynamic_override(cfg, "model.layers.10.mlp.down_proj") is None
 
 
 # ---- compressed-tensors -------------------------------------------------------------------------------
@@ -214,27 +155,6 @@ def _ct_load(folder, dequantize=False):
 
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu", **kw).eval()
-
-
-def ct_reference_load(folder):
-    """The model of a compressed-tensors folder, each quantized Linear decompressed by compressed-tensors' own
-    ``PackedQuantizationCompressor.decompress`` with its own config group's scheme."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = QuantizationConfig.model_validate(json.loads((folder / "config.json").read_text())["quantization_config"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k: v.float() for k, v in state.items() if "weight_" not in k}, strict=False)
-    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
-    for group in cfg.config_groups.values():
-        for name in group.targets:
-            sd = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
-            model.get_submodule(name).weight.data = compressor.decompress(sd, group)["weight"].float()
-    model.tie_weights()
-    return model
 
 
 def test_compressed_tensors_mixed_plan(tiny_folder, tmp_path):
