@@ -319,3 +319,39 @@ def test_missing_extra_says_which(tiny_folder, tmp_path, capsys, monkeypatch):
     _one_line_exit_2(capsys, ["export", str(art), "--format", "compressed-tensors", "--out", str(tmp_path / "o"),
                               "--model", str(tiny_folder)], "pip install 'aqsearch[export]'")
     assert not (tmp_path / "o").exists()
+
+
+# ---- the real model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_smollm2_export_loads_in_transformers_with_eval_kl(tmp_path):
+    """SmolLM2 at uniform w4g64 exported as compressed-tensors, loaded by transformers' from_pretrained on the
+    CPU: its held-out KL equals ``evaluate`` (what ``aqsearch eval --scheme`` reports) to 3 significant
+    digits, and its bytes are the plan's. Catches: anything the tiny model's shapes hide (576-wide rows,
+    tied 49,152-token embeddings)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from aqsearch.data import calib_eval_sets
+    from aqsearch.models import load_model
+    from aqsearch.quality import build_reference, evaluate, summarize, token_stats
+    from tinymodels import WIKI_TEST, WIKI_VALID
+
+    saved = os.environ.pop("AQSEARCH_CACHE", None)  # the converted model lives in the user cache across runs
+    try:
+        smol = load_model("smollm2-135m")
+    finally:
+        if saved is not None:
+            os.environ["AQSEARCH_CACHE"] = saved
+    wiki = WIKI_TEST.exists()
+    _, ev = calib_eval_sets(smol, str(WIKI_VALID) if wiki else None, str(WIKI_TEST) if wiki else None,
+                            eval_tokens=256, seqlen=256)
+    ref = build_reference(smol.model, ev)
+    plan = Plan.uniform("w4g64")
+    info = export(smol.model, plan, {}, tmp_path / "ct", "compressed-tensors", smol.tokenizer)
+    assert info["bytes"] == info["plan_bytes"] == 57_231_360
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
+                                              quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    got = summarize(token_stats(lm, ref), ref, 0, 0, 0.0, 0.0).kl_mean
+    want = evaluate(smol.model, ref, plan).kl_mean
+    assert abs(got - want) <= 5e-4 * want, (got, want)
