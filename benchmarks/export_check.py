@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--formats", default="compressed-tensors,gptq")
+    ap.add_argument("--label", default=None, help="what the plan is, for the table (default: its path)")
     ap.add_argument("--out", default=str(HERE / "results" / "export.jsonl"))
     args = ap.parse_args()
     t0 = time.time()
@@ -112,7 +113,7 @@ def main() -> None:
                      "bookkeeping_tensors": sum(1 for k in sizes if k.rsplit(".", 1)[-1] in BOOKKEEPING)})
         del model
     plan = json.loads(Path(args.plan).read_text())
-    rec = {"bench": "export", "model": args.model, "plan": args.plan, "plan_bytes": plan.get("bytes"),
+    rec = {"bench": "export", "model": args.model, "plan": args.label or args.plan, "plan_bytes": plan.get("bytes"),
            "plan_bpw": plan.get("bpw"), "eval_tokens": ev_cli["tokens"], "seqlen": args.seqlen,
            "data_hash": ev_cli["data_hash"], "eval_data": ev.describe(), "rows": rows,
            "versions": _versions(), "seconds": round(time.time() - t0, 1)}
