@@ -51,7 +51,10 @@ def ct_read(folder: Path):
     groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
     schemes = [g["weights"] for g in groups.values()]
     if all(w["symmetric"] for w in schemes):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), "transformers"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():  # compressed-tensors decompresses on the whole model's first call; token_stats
+            model(torch.zeros(1, 1, dtype=torch.long))  # calls model.model, which would find no weights
+        return model, "transformers"
     if len(schemes) == 1:
         return AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval(), \
