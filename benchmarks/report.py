@@ -224,7 +224,8 @@ def export_table() -> str:
     lines = ["| machine | plan | bpw | eval tokens | format | read by | KL (export) | KL (aqsearch eval) | rel. diff | "
              "bytes (quantized layers) | plan bytes | bookkeeping bytes |", "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in read_results(RESULTS / "export.jsonl"):
-        head = f"| {r['env']['machine']} | {r['plan']} | {r['plan_bpw'] or 0:.3f} | {r['eval_tokens']:,} | "
+        bpw = "-" if r["plan_bpw"] is None else f"{r['plan_bpw']:.3f}"
+        head = f"| {r['env']['machine']} | {r['plan']} | {bpw} | {r['eval_tokens']:,} | "
         for row in r["rows"]:
             if row["refused"]:
                 lines.append(head + f"{row['format']} | refused: {row['refused']} | | | | | | |")
