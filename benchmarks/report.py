@@ -306,7 +306,23 @@ def scale_table() -> str:
     return scale_rows(read_results(RESULTS / "scale.jsonl"))
 
 
-TABLES: dict[str, Callable[[], str]] = {"trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
+def export_table() -> str:
+    """benchmarks/export_check.py: each format's export read back, its held-out KL against aqsearch eval's."""
+    lines = ["| machine | plan | bpw | eval tokens | format | read by | KL (export) | KL (aqsearch eval) | rel. diff | "
+             "bytes (quantized layers) | plan bytes | bookkeeping bytes |", "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in read_results(RESULTS / "export.jsonl"):
+        bpw = "-" if r["plan_bpw"] is None else f"{r['plan_bpw']:.3f}"
+        head = f"| {r['env']['machine']} | {r['plan']} | {bpw} | {r['eval_tokens']:,} | "
+        for row in r["rows"]:
+            if row["refused"]:
+                lines.append(head + f"{row['format']} | refused: {row['refused']} | | | | | | |")
+                continue
+            lines.append(head + f"{row['format']} | {row['route']} | {row['kl_mean']:.4f} | {row['kl_eval_cli']:.4f} | "
+                         f"{row['kl_rel_diff']:.1e} | {row['bytes']:,} | {row['plan_bytes']:,} | {row['bookkeeping_bytes']:,} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"export": export_table, "trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
                                         "compose_gap": compose_gap_table, "plan_rank": plan_rank_table,
                                         "scale": scale_table}

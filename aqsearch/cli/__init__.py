@@ -15,7 +15,7 @@ import time
 from aqsearch.cli.common import Parser
 from aqsearch.errors import AqError
 
-MODULES = ("eval", "run", "search", "progressive", "materialize")
+MODULES = ("eval", "run", "search", "progressive", "materialize", "export")
 COMMANDS: dict = {}
 
 
