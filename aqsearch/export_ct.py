@@ -24,7 +24,7 @@ import torch
 
 from aqsearch.config import QuantScheme
 from aqsearch.errors import AqError
-from aqsearch.export import integer_zeros, pack_stream
+from aqsearch.export_pack import integer_zeros, pack_stream
 from aqsearch.quantizers import QTensor
 
 

@@ -27,7 +27,7 @@ import torch
 
 from aqsearch.config import QuantScheme
 from aqsearch.errors import AqError
-from aqsearch.export import integer_zeros, pack_stream
+from aqsearch.export_pack import integer_zeros, pack_stream
 from aqsearch.quantizers import QTensor
 
 BITS = (2, 3, 4, 8)  # GPTQModel's SUPPORTS_BITS for GPTQ kernels; vLLM's gptq.py: "only 2/3/4/8-bit"
