@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from aqsearch.apply import quantized
-from aqsearch.artifact import write_artifact
+from aqsearch.artifact import Artifact
 from aqsearch.cli import main
 from aqsearch.config import Plan
 from aqsearch.errors import AqError
@@ -61,7 +61,7 @@ def _artifact(folder, plan_layers, path):
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"):
         w = m.get_submodule(name).weight
         tensors[name] = quantize(w, plan.scheme_for(name), v=torch.rand(w.shape, generator=g) - 0.5)
-    write_artifact(path, plan, tensors, {"bytes": plan_bytes(m, plan).bytes})
+    Artifact(plan, tensors, {"bytes": plan_bytes(m, plan).bytes}).save(path)
     return m.eval(), plan, tensors
 
 
