@@ -38,7 +38,10 @@ class DataConfig:
     calib: str | None = None  # text file / hf:NAME / None (model samples)
     evaluation: str | None = None
     split: float | None = None
-    calib_windows: int = 8
+    # 16 windows (12 train, 4 judge): with 8 the 6-step polish overfit and lost to round-to-nearest on
+    # SmolLM2 (KL 0.413 against 0.359 on the score windows); 16 windows and 12 steps took the same pick
+    # from 0.3016 to 0.2012 on held-out text (2 cores, 96 s of polish)
+    calib_windows: int = 16
     calib_seqlen: int = 128
     eval_tokens: int = 2048
     seqlen: int = 256
@@ -66,7 +69,7 @@ class Job:
     limit: int  # bytes: the largest budget
     budgets: tuple[int, ...]  # bytes, ascending; (limit,) for one budget
     bank: BankConfig = BankConfig(menu=JOB_MENU, steps=0)
-    polish: TrainSettings = TrainSettings(steps=6, batch=8)
+    polish: TrainSettings = TrainSettings(steps=12, batch=8)
     data: DataConfig = DataConfig()
     device: str = "cpu"
     seed: int = 0
@@ -81,7 +84,7 @@ class Job:
     @classmethod
     def resolve(cls, model: str | LoadedModel, budget: str | Budget | Sequence[str | Budget], *,
                 data: DataConfig = DataConfig(), bank: BankConfig = BankConfig(menu=JOB_MENU, steps=0),
-                polish: TrainSettings = TrainSettings(steps=6, batch=8), device: str = "cpu", seed: int = 0,
+                polish: TrainSettings = TrainSettings(steps=12, batch=8), device: str = "cpu", seed: int = 0,
                 bank_storage: str | None = None) -> Job:
         """Parse and check everything, load the model (unless given loaded), make the windows."""
         data.check()

@@ -17,7 +17,7 @@ def register(sub) -> dict:
     return {"run": cmd_run}
 
 
-def data_config(args, calib_windows: int = 8, calib_seqlen: int = 128):
+def data_config(args, calib_windows: int = 16, calib_seqlen: int = 128):
     from aqsearch.job import DataConfig
 
     return DataConfig(args.calib_data, args.eval_data, args.split, calib_windows, calib_seqlen, args.eval_tokens,
