@@ -11,7 +11,8 @@ the polished KL close the run.
     python benchmarks/plan_rank.py --small --budget 4.5bpw --plan old-engine=/tmp/old_engine_plan.json
     python benchmarks/plan_rank.py --budget 3.5bpw                                 # GPU: full settings
 
-Appends one JSON line a plan, then a summary line, to ``benchmarks/results/plan_rank.jsonl``.
+Appends one JSON line a plan, then a summary line, to ``--out`` (the CPU run of 2026-12-06 is
+``benchmarks/results/strategy_rank.jsonl``; ``plan_rank.jsonl`` holds the older script's records).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> int:
     ap.add_argument("--random", type=int, default=2, help="random mixes near the budget")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(DATA))
-    ap.add_argument("--out", default=str(HERE / "results" / "plan_rank.jsonl"))
+    ap.add_argument("--out", default=str(HERE / "results" / "strategy_rank.jsonl"))
     args = ap.parse_args()
 
     import torch
