@@ -20,6 +20,7 @@ from aqsearch.artifact import Artifact
 from aqsearch.config import Gate, Plan
 from aqsearch.io import sha256_bytes
 from aqsearch.memory import plan_bytes
+from aqsearch.models import shapes_hash
 from aqsearch.polish import polish
 from aqsearch.quality import build_reference, evaluate
 
@@ -42,8 +43,6 @@ def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = N
     kl_rtn = evaluate(m, sref, plan, batch_size=bs).kl_mean
     kept = kl_pol <= kl_rtn
     mem = plan_bytes(m, plan)
-    from aqsearch.models import shapes_hash
-
     art = Artifact(plan, weights if kept else {}, {**(meta or {}), "bytes": mem.bytes, "bpw": mem.bpw,
                                                   "model": job.loaded.name, "shapes": shapes_hash(m),
                                                   "polish": {"steps": pstats["steps"], "kept": kept,

@@ -42,6 +42,11 @@ class ProgressiveConfig:
         return tuple(str(QuantScheme(b, g)) for b in self.ladder for g in self.groups)
 
 
+def _key(cfg: dict) -> tuple:
+    """A configuration as a block menu's key (unit order does not matter)."""
+    return tuple(sorted(cfg.items()))
+
+
 def progressive(bank, limit: int, gate: Gate = Gate(), journal: Journal | None = None,
                 config: ProgressiveConfig = ProgressiveConfig()) -> Plan:
     """The strategy: a plan within ``limit`` bytes (see the module)."""
@@ -87,8 +92,7 @@ class Engine:
         d = self.delta(cfg)
         ok = self.passes(d)
         self.tries += 1
-        menu[tuple(sorted(cfg.items(), key=lambda kv: kv[0]))] = {"config": dict(cfg), "delta": d,
-                                                                 "bytes": self.nbytes(i, cfg)}
+        menu[_key(cfg)] = {"config": dict(cfg), "delta": d, "bytes": self.nbytes(i, cfg)}
         self.log({"type": "try", "block": i, "phase": phase, "config": dict(cfg), "delta": d,
                   "bytes": self.nbytes(i, cfg), "decision": decision or ("pass" if ok else "fail"), "why": why})
         return ok
@@ -150,7 +154,7 @@ class Engine:
         for b in self.c.ladder:
             for g in self.c.groups:
                 cand = dict.fromkeys(state, str(QuantScheme(b, g)))
-                if tuple(sorted(cand.items())) not in menu:
+                if _key(cand) not in menu:
                     self.tried(i, "lookahead", cand, menu, "measured")
 
     # ---- the whole run -----------------------------------------------------------------------

@@ -99,7 +99,7 @@ class Objective:
         if "constraints:memory" not in trial.storage.get_trial_system_attrs(trial._trial_id):
             trial.set_constraint("memory", float(nbytes - self.limit))
         trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(nbytes - self.limit)])
-        score = sum(self.bank.get(u.name, choice[u.name]).error for u in self.bank.units)
+        score = self.bank.score(choice)  # embedding units, if any, are not banked and add nothing
         trial.set_user_attr("score", score)
         trial.set_user_attr("plan", json.dumps(plan.to_json()["layers"]))
         if self.pruner is not None:
