@@ -1,7 +1,7 @@
 """aqsearch: fit a causal LM into a memory budget with the least loss of quality.
 
 The pipeline: a :class:`Job` (everything resolved once) -> a :class:`Bank` of scored candidates -> a
-strategy (``knapsack``, ``progressive``, ``study``) returns a :class:`Plan` -> ``aqsearch.polish.polish`` -> an
+strategy (``knapsack``, ``progressive``, the polished front over a ``study``) returns a :class:`Plan` -> ``aqsearch.polish.polish`` -> an
 :class:`Artifact`; :func:`run` does all of it (README, "Python").
 
 >>> import aqsearch
@@ -40,10 +40,12 @@ _LAZY = {
     "build_plan": "aqsearch.bank",
     "knapsack": "aqsearch.strategies.knapsack",
     "progressive": "aqsearch.strategies.progressive",
-    "study": "aqsearch.strategies.study",
     "run_study": "aqsearch.strategies.study",
-    "pareto_front": "aqsearch.strategies.study",
-    "pick": "aqsearch.strategies.study",
+    "Score": "aqsearch.bank.score",
+    "polished_front": "aqsearch.strategies.front",
+    "FrontConfig": "aqsearch.strategies.front",
+    "front_points": "aqsearch.strategies.front",
+    "pick": "aqsearch.strategies.front",
     "Artifact": "aqsearch.artifact",
     "run": "aqsearch.pipeline",
     "finish": "aqsearch.pipeline",

@@ -45,6 +45,11 @@ class DataConfig:
     calib_seqlen: int = 128
     eval_tokens: int = 2048
     seqlen: int = 256
+    score_tokens: int | None = None  # tokens of the score windows (default: half of eval_tokens)
+
+    @property
+    def score_size(self) -> int:
+        return self.eval_tokens // 2 if self.score_tokens is None else self.score_tokens
 
     def check(self) -> None:
         """Bad data options, refused before any work (one line each)."""
@@ -85,8 +90,9 @@ class Job:
     def resolve(cls, model: str | LoadedModel, budget: str | Budget | Sequence[str | Budget], *,
                 data: DataConfig = DataConfig(), bank: BankConfig = BankConfig(menu=JOB_MENU, steps=0),
                 polish: TrainSettings = TrainSettings(steps=12, batch=8), device: str = "cpu", seed: int = 0,
-                bank_storage: str | None = None) -> Job:
-        """Parse and check everything, load the model (unless given loaded), make the windows."""
+                bank_storage: str | None = None, spread: int = 0) -> Job:
+        """Parse and check everything, load the model (unless given loaded), make the windows.
+        ``spread``: two budgets are a range, filled with ``spread`` budgets evenly spaced in bytes."""
         data.check()
         budgets = [Budget.parse(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
         if not budgets:
@@ -94,6 +100,9 @@ class Job:
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         space = build_space(loaded.model, bank.granularity, menu=bank.menu)
         limits = sorted({b.resolve(space.weights) for b in budgets})
+        if spread > 2 and len(limits) == 2:
+            lo, hi = limits
+            limits = sorted({lo + (hi - lo) * k // (spread - 1) for k in range(spread)})
         smallest = space.bytes(space.extreme(smallest=True))
         if limits[0] < smallest:
             raise AqError(f"budget {format_bytes(limits[0])} ({limits[0]:,} B) is below the smallest plan of the menu: "
@@ -127,12 +136,12 @@ def _windows(loaded: LoadedModel, d: DataConfig) -> tuple[TokenSet, TokenSet, To
         c_ids, e_ids = ids[:cut], ids[cut:]
         half = c_ids.numel() // 2
         cal = TokenSet.from_ids(c_ids[:half], d.calib_seqlen, d.calib_windows, f"{desc}[:{d.split / 2:g}]", spread=True)
-        score = TokenSet.from_ids(c_ids[half:], d.seqlen, d.eval_tokens // 2 // d.seqlen,
+        score = TokenSet.from_ids(c_ids[half:], d.seqlen, d.score_size // d.seqlen,
                                   f"{desc}[{d.split / 2:g}:{d.split:g}]")
         ev = TokenSet.from_ids(e_ids, d.seqlen, d.eval_tokens // d.seqlen, f"{desc}[{d.split:g}:]")
         return cal, score, ev
     cal, score = calib_eval_sets(loaded, d.calib, d.calib, calib_windows=d.calib_windows, calib_seqlen=d.calib_seqlen,
-                                 eval_tokens=d.eval_tokens // 2, seqlen=d.seqlen, split=0.5 if d.calib else None)
+                                 eval_tokens=d.score_size, seqlen=d.seqlen, split=0.5 if d.calib else None)
     _, ev = calib_eval_sets(loaded, d.calib, d.evaluation, eval_tokens=d.eval_tokens, seqlen=d.seqlen, eval_seed=2,
                             split=0.5 if d.evaluation is None and d.calib is not None else None)
     return cal, score, ev

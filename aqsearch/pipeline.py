@@ -1,9 +1,11 @@
-"""The one pipeline: a :class:`~aqsearch.job.Job` -> bank -> a strategy's plan -> polish -> artifact -> evaluation.
+"""The one pipeline: a :class:`~aqsearch.job.Job` -> bank -> plans -> polish -> artifact -> evaluation.
 
-:func:`run` is what ``aqsearch run``, ``aqsearch progressive`` and ``benchmarks/bank.py`` call;
-:func:`finish` is what turns any chosen plan into the artifact a user gets (``pick`` calls it too): the
-plan polished block by block on the quantized prefix's outputs, from the model's own weights, measured on
-held-out text beside its round-to-nearest self and the best uniform scheme of the menu that fits.
+:func:`run` is what ``aqsearch run``, ``aqsearch progressive`` and ``benchmarks/bank.py`` call. With the
+``study`` strategy (the main job) it builds the **polished front** (:mod:`aqsearch.strategies.front`: the
+uniform hull, the fitted score, the score study, plan racing) and picks the best polished plan within the
+budget, with no recompute; its baseline is the best *polished* uniform scheme that fits. The ``knapsack``
+and ``progressive`` strategies return one plan, which :func:`finish` polishes block by block on the
+quantized prefix's outputs, from the model's own weights, beside the best uniform scheme polished the same way.
 
 >>> # from aqsearch import Job, run
 >>> # res = run(Job.resolve("smollm2-135m", "4.5bpw"), strategy="knapsack", workdir="out")   # minutes on 2 cores
@@ -31,10 +33,12 @@ def log(msg: str) -> None:
     print(f"aqsearch: {msg}", file=sys.stderr, flush=True)
 
 
-def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = None, journal=None) -> tuple[Artifact, dict]:
+def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = None, journal=None,
+           workdir: str | Path | None = None) -> tuple[Artifact, dict]:
     """Polish ``plan`` (``job.polish`` steps a block), keep the polish where it scores better than
     round-to-nearest on the job's score windows (few windows can overfit), write the artifact to ``out``
-    and measure it on the evaluation windows. Returns the artifact and a report."""
+    and measure it on the evaluation windows, beside the best uniform scheme that fits, polished the same
+    way (in ``workdir``). Returns the artifact and a report."""
     m, bs = job.loaded.model, job.batch
     weights, pstats = polish(m, plan, job.calib, job.polish, journal=journal, desc="polishing the pick")
     sref = build_reference(m, job.score, batch_size=bs, cache_key=job.loaded.fingerprint)
@@ -56,25 +60,32 @@ def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = N
     report = {"picked": art.evaluate(m, ref, bs).to_json(), "picked_before_polish": evaluate(m, ref, plan, batch_size=bs).to_json(),
               "polish": {"steps": pstats["steps"], "seconds": pstats["seconds"], "kept": kept,
                          "score_kl": {"polished": kl_pol, "rtn": kl_rtn}},
-              "uniform": _uniform(job, ref), "eval_data": job.evaluation.describe(), "budget_bytes": job.limit}
+              "uniform": polished_uniform(job, Path(workdir or (Path(out).parent if out else "."))),
+              "eval_data": job.evaluation.describe(), "budget_bytes": job.limit}
     return art, report
 
 
-def _uniform(job, ref) -> dict | None:
-    """The largest uniform scheme of the menu within the budget, at round-to-nearest, on ``ref``."""
+def polished_uniform(job, workdir: Path) -> dict | None:
+    """The largest uniform scheme of the menu within the budget, polished like a pick, on held-out text."""
+    from aqsearch.strategies.racing import Polisher
+
     size = {s: job.space.bytes(job.space.uniform(s)) for s in job.bank.menu}
     fits = [s for s in job.bank.menu if size[s] <= job.limit]
     if not fits:
         return None
     best = max(fits, key=size.get)
-    return {"scheme": best, **evaluate(job.loaded.model, ref, Plan.uniform(best), batch_size=job.batch).to_json()}
+    pol = Polisher(job, workdir / "uniform")
+    plan = Plan.uniform(best)
+    res = pol.full(plan, f"uniform-{best}", pol.rtn(plan))
+    return {"scheme": best, **res["measurement"], "polished": True, "artifact": res["artifact"]}
 
 
-def run(job, strategy: str = "study", *, workdir: str | Path = "aqsearch-run", trials: int = 16,
+def run(job, strategy: str = "study", *, workdir: str | Path = "aqsearch-run", trials: int = 200,
         storage: str | None = None, study_name: str | None = None, gate: Gate = Gate(), workers: int = 1,
-        regressor=None, study_config=None, progressive_config=None) -> dict:
-    """The main job: build the bank, let ``strategy`` choose a plan within ``job.limit``, then :func:`finish`.
-    Writes ``plan.json`` (+ weights) in ``workdir``; for ``study``, also ``study.db`` and ``front.png``."""
+        regressor=None, front_config=None, progressive_config=None) -> dict:
+    """The main job: build the bank, then the polished front (``study``) or one strategy's plan, polished.
+    Writes ``plan.json`` (+ weights) in ``workdir``; for ``study``, also ``study.db``, ``polished/`` and
+    ``front.png``."""
     from aqsearch.errors import AqError
 
     if strategy not in STRATEGIES:
@@ -85,11 +96,12 @@ def run(job, strategy: str = "study", *, workdir: str | Path = "aqsearch-run", t
     bank = job.new_bank(regressor)
     bank.build(workers)
     res: dict = {"bank": bank.stats(), "strategy": strategy}
-    journal = None
     if strategy == "study":
-        plan, extra = _study(job, bank, work, storage, study_name, trials, study_config, workers)
-        res.update(extra)
-    elif strategy == "knapsack":
+        res.update(_front(job, bank, work, storage, study_name, trials, front_config))
+        res.update(seconds=time.time() - t0)
+        return res
+    journal = None
+    if strategy == "knapsack":
         from aqsearch.strategies.knapsack import knapsack
 
         plan = knapsack(bank, job.limit)
@@ -100,21 +112,29 @@ def run(job, strategy: str = "study", *, workdir: str | Path = "aqsearch-run", t
         journal = Journal(work / "journal.jsonl")
         plan = progressive(bank, job.limit, gate, journal, progressive_config or ProgressiveConfig())
     res["search_seconds"] = time.time() - t0
-    art, report = finish(job, plan, work / "plan.json", {"strategy": strategy, "trial": res.get("picked_trial")},
-                         journal)
+    art, report = finish(job, plan, work / "plan.json", {"strategy": strategy}, journal, work)
     res.update(report, plan=str(work / "plan.json"), seconds=time.time() - t0)
     return res
 
 
-def _study(job, bank, work: Path, storage, name, trials, config, workers) -> tuple[Plan, dict]:
+def _front(job, bank, work: Path, storage, name, trials, config) -> dict:
+    """The polished front in ``work``; the pick at the job's budget copied to ``work/plan.json``."""
+    from dataclasses import replace
+
     from aqsearch.plots import plot_front
-    from aqsearch.strategies.study import StudyConfig, pareto_front, pick, run_study
+    from aqsearch.strategies.front import Front, FrontConfig, best_uniform, pick
 
     storage = storage or f"sqlite:///{work.resolve() / 'study.db'}"
     name = name or "run-" + sha256_bytes(json.dumps(job.describe(), sort_keys=True).encode())[:10]
     log(f"study {name} in {storage}")
-    run_study(job, bank, storage, name, trials, config or StudyConfig(seed=job.seed), job.limit, workers)
-    plan, point = pick(storage, name, job.limit)
+    cfg = replace(config or FrontConfig(seed=job.seed), trials=trials)
+    summ = Front(job, bank, storage, name, work, cfg).run()
+    point = pick(storage, name, job.limit)
+    art = Artifact.load(point["artifact"])
+    art = Artifact(art.plan, art.tensors, {**art.meta, "strategy": "study", "study": name, "trial": point["trial"]})
+    art.save(work / "plan.json")
     plot_front(storage, name, str(work / "front.png"))
-    return plan, {"study": name, "storage": storage, "front": pareto_front(storage, name), "picked_trial": point["trial"],
-                  "picked_point": point, "plot": str(work / "front.png")}
+    return {**summ, "storage": storage, "picked_trial": point["trial"], "picked": point,
+            "uniform": best_uniform(storage, name, job.limit),
+            "plan": str(work / "plan.json"), "plot": str(work / "front.png"), "budget_bytes": job.limit,
+            "eval_data": job.evaluation.describe()}

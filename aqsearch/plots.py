@@ -10,7 +10,7 @@ import os
 import optuna
 
 from aqsearch.errors import AqError
-from aqsearch.strategies.study import pareto_front
+from aqsearch.strategies.front import front_points, hull_points, lower_hull
 from aqsearch.storage import load_study
 
 
@@ -28,7 +28,8 @@ def check_plot(path: str, force: bool = False) -> None:
 
 
 def plot_front(storage: str, study_name: str, path: str) -> None:
-    """Front (and every trial, faint) as KL against MiB, warm starts labelled; written atomically."""
+    """The polished front over the uniform staircase and hull, as held-out KL against MiB; plans the
+    racing stopped drawn at their predicted KL (hollow, labelled as predictions); written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,25 +38,34 @@ def plot_front(storage: str, study_name: str, path: str) -> None:
     from aqsearch.io import atomic_path
 
     study = load_study(storage, study_name)
+    pts = front_points(storage, study_name)
+    hull = hull_points(storage, study_name)
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    front = pareto_front(storage, study_name)
+    mib = 2.0**20
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([t.values[1] / 2**20 for t in done], [t.values[0] for t in done], s=8, c="0.75", label="trials")
-    ax.plot([p["bytes"] / 2**20 for p in front], [p["kl_mean"] for p in front], "o-", c="C0", ms=4, label="Pareto front")
-    for t in done:
-        w = t.user_attrs.get("warm_start", "")
-        if w.startswith(("uniform", "plan")):
-            ax.annotate(w.split()[-1], (t.values[1] / 2**20, t.values[0]), fontsize=6, color="C3")
+    ax.scatter([t.values[1] / mib for t in done], [t.values[0] for t in done], s=10, c="0.7", label="polished plans")
+    if hull:
+        ax.step([h[1] / mib for h in hull], [min(k for k, bb, _ in hull if bb <= h[1]) for h in hull], where="post",
+                c="C3", lw=1, label="uniform staircase")
+        lh = lower_hull(hull)
+        ax.plot([h[1] / mib for h in lh], [h[0] for h in lh], "--", c="C3", lw=0.8, label="uniform hull")
+        for kl, b, s in hull:
+            ax.annotate(s, (b / mib, kl), fontsize=6, color="C3")
+    pol = [p for p in pts if p["polished"]]
+    ax.plot([p["bytes"] / mib for p in pol], [p["kl_mean"] for p in pol], "o-", c="C0", ms=4, label="polished front")
+    stop = [p for p in pts if not p["polished"] and p.get("predicted_kl")]
+    if stop:
+        ax.scatter([p["bytes"] / mib for p in stop], [p["predicted_kl"]["mid"] for p in stop], s=14, facecolors="none",
+                   edgecolors="C1", label="stopped by racing (predicted, not measured)")
     limit = study.user_attrs.get("aqsearch", {}).get("budget_bytes")
     if limit:
-        ax.axvline(limit / 2**20, ls="--", c="C3", lw=0.8, label="budget")
+        ax.axvline(limit / mib, ls=":", c="k", lw=0.8, label="largest budget")
     ax.set_xlabel("bytes of the governed layers (MiB)")
-    ax.set_ylabel("score KL at round-to-nearest (nats/token)")
+    ax.set_ylabel("held-out KL after the polish (nats/token)")
     ax.set_yscale("log")
-    ax.set_title(f"study {study_name}: {len(done)} trials")
-    ax.legend(fontsize=8)
+    ax.set_title(f"study {study_name}: {len(done)} polished plans")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
         fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
     plt.close(fig)
-

@@ -51,9 +51,13 @@ def polish(
     stream: str = "trained",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    upto: int | None = None,
+    on_block=None,
 ) -> tuple[dict[str, QTensor], dict]:
     """Trained weights for every layer ``plan`` quantizes, and statistics (steps, seconds, deltas).
-    ``device``/``dtype``: block offload (see the module docstring)."""
+    ``device``/``dtype``: block offload (see the module docstring). ``upto``: train blocks ``< upto`` only
+    (a low-fidelity polish; with a journal, a later call goes on from there). ``on_block(i, weights)``:
+    called after block ``i`` with the weights trained so far (the plan racing measures a prefix there)."""
     if stream not in ("trained", "rtn"):
         raise ValueError(f"stream must be 'trained' or 'rtn', not {stream!r}")
     t0 = time.time()
@@ -74,6 +78,8 @@ def polish(
     stats = {"steps": 0, "steps_full": 0, "blocks": [], "activations": acts.report()}
     with progress(len(blocks), desc, unit="block") as bar:
         for i, blk in blocks_on(blocks, device, dtype):  # device None: the blocks stay where they are
+            if upto is not None and i >= upto:
+                break
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(layer_name(i, sfx))) is not None}
             y_fp = acts.run(blk, acts.x_fp)
             if i in done and (done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}
@@ -102,6 +108,8 @@ def polish(
                 weights = {f"{sfx}.weight": dequantize(t).to(y_fp.device) for sfx, t in q.items()}
             acts.advance(blk, weights, y_fp=y_fp)
             bar.update(1)
+            if on_block is not None:
+                on_block(i, out)
     stats["seconds"] = time.time() - t0
     return out, stats
 

@@ -44,8 +44,9 @@ def safe_url(url: str) -> str:
         return url
 
 
-def make_storage(url: str, heartbeat: int = 30):
-    """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials."""
+def make_storage(url: str, heartbeat: int | None = 30):
+    """An Optuna storage for ``url``; RDB storages get heartbeats and retry failed trials (``heartbeat=None``:
+    none, for studies driven by ask and tell, where the caller handles a crashed trial itself)."""
     import warnings
 
     import optuna  # here, not at the top: the CLI's other commands run without the search extra
@@ -63,9 +64,11 @@ def make_storage(url: str, heartbeat: int = 30):
     if storage_file(url) is not None:
         storage_file(url).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
+        beats = {} if heartbeat is None else dict(
+            heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            url, **beats,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     except Exception as e:  # the driver's message may repeat the URL: mask its password there too
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

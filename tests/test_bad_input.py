@@ -32,8 +32,10 @@ def one_line_error(capsys, argv, needle):
 def study(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("bad-study")
     url = f"sqlite:///{d}/s.db"
-    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "s", "--trials", "3", "--budget",
-                 "6bpw", "--calib-samples", "4", "--calib-seqlen", "32", "--warm-knapsack", "0", *DATA]) == 0
+    from tinymodels import TINY_FRONT
+
+    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "s", "--budget", "6bpw",
+                 *TINY_FRONT]) == 0
     return url
 
 
@@ -152,7 +154,7 @@ def test_binary_data_is_not_text(capsys, tiny_dir, tmp_path):
 @pytest.mark.parametrize("budget", ["1e99", "17bpw"])
 def test_budget_beyond_the_model(capsys, tiny_dir, tmp_path, budget):
     one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "s",
-                            "--trials", "2", "--budget", budget, *DATA], "full precision")
+                            "--budget", budget, *DATA], "full precision")
 
 
 def test_decimal_megabytes_are_taken_as_decimal(capsys, tiny_dir):
@@ -166,7 +168,7 @@ def test_decimal_megabytes_are_taken_as_decimal(capsys, tiny_dir):
 
 def test_postgresql_error_hides_the_password(capsys, tiny_dir):
     line = one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", "postgresql://u:s3cr3t@127.0.0.1:1/db",
-                                   "--study", "s", "--trials", "2", "--budget", "6bpw", *DATA], "cannot open storage")
+                                   "--study", "s", "--budget", "6bpw", *DATA], "cannot open storage")
     assert "s3cr3t" not in line and "u:***@" in line
 
 

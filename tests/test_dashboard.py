@@ -20,9 +20,22 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def dashboard(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("dash")
     url = f"sqlite:///{d}/dash.db"
-    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "tiny-front", "--trials", "10",
-                 "--budget", "6bpw", "--eval-tokens", "64", "--seqlen", "32", "--calib-samples", "4",
-                 "--calib-seqlen", "32"]) == 0
+    from aqsearch.bank import BankConfig
+    from aqsearch.job import DataConfig, Job
+    from aqsearch.strategies.front import Front, FrontConfig
+    from aqsearch.training import TrainSettings
+
+    # a front with its hull, a plan the racing stops (a regressor stub predicts it beaten) and one it polishes
+    job = Job.resolve(str(tiny_dir), ["3bpw", "6bpw"], data=DataConfig(calib_windows=4, calib_seqlen=32, eval_tokens=64, seqlen=32),
+                      bank=BankConfig(menu=("w8g128", "w4g64", "w2g64"), granularity="layer", steps=0),
+                      polish=TrainSettings(steps=2, batch=4))
+    bank = job.new_bank()
+    bank.build()
+    f = Front(job, bank, url, "tiny-front", d, FrontConfig(hull="menu"))
+    f.hull()
+    f._refit = lambda: None
+    f.reg = type("Stub", (), {"predict": lambda self, r: {"lo": 1e3, "mid": 1e3, "hi": 1e3, "n": 0, "rung": "0"}})()
+    f._run({u.name: ("w4g64" if i % 2 else "w2g64") for i, u in enumerate(bank.units)}, "mixed", {}, race=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,9 +60,13 @@ def test_dashboard_api_sees_study_and_metric_names(dashboard):
     studies = json.loads(urllib.request.urlopen(dashboard + "/api/studies").read())["study_summaries"]
     s = [x for x in studies if x["study_name"] == "tiny-front"][0]
     detail = json.loads(urllib.request.urlopen(f"{dashboard}/api/studies/{s['study_id']}?after=0").read())
-    assert detail["objective_names"] == ["KL mean (nats/token)", "bytes"]
-    assert len(detail["trials"]) == 10 and any(t["constraints"] for t in detail["trials"])
-    assert "plan" in {a["key"] for a in detail["trials"][0]["user_attrs"]}
+    assert detail["objective_names"] == ["held-out KL after the polish (nats/token)", "bytes"]
+    trials = detail["trials"]
+    assert len(trials) == 4 and all(t["constraints"] for t in trials)
+    attrs = [{a["key"]: a["value"] for a in t["user_attrs"]} for t in trials]
+    assert [t["state"] for t in trials] == ["Complete"] * 3 + ["Pruned"]
+    assert "uniform w2g64" in attrs[-1]["stopped_because"] and str(attrs[-1]["polished"]).lower() == "false"
+    assert all(str(a["polished"]).lower() == "true" and "artifact" in a for a in attrs[:3])
 
 
 def test_pareto_front_renders_in_chromium(dashboard):

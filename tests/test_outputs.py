@@ -30,8 +30,10 @@ def materialize(tiny_dir, out, *extra):
 def study(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("out-study")
     url = f"sqlite:///{d}/s.db"
-    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "s", "--trials", "3", "--budget",
-                 "10bpw", "--warm-knapsack", "0", *DATA]) == 0
+    from tinymodels import TINY_FRONT
+
+    assert main(["search", "--model", str(tiny_dir), "--storage", url, "--study", "s", "--budget", "10bpw",
+                 *TINY_FRONT]) == 0
     return url
 
 
@@ -84,7 +86,7 @@ def test_front_keeps_an_existing_plot(capsys, study, tmp_path):
 
 def test_unwritable_search_storage_is_found_before_any_work(capsys, tiny_dir):
     line = error_line(capsys, ["search", "--model", str(tiny_dir), "--storage", f"sqlite:///{UNWRITABLE}.db", "--study",
-                               "s", "--trials", "2", "--budget", "6bpw", *DATA])
+                               "s", "--budget", "6bpw", *DATA])
     assert "--storage" in line and "cannot write" in line
 
 

@@ -96,10 +96,8 @@ def test_one_function_builds_plans_from_choices():
         for fn in ast.walk(ast.parse(p.read_text())):
             if isinstance(fn, ast.FunctionDef) and "Plan.from_layers(" in ast.unparse(fn):
                 calls.setdefault(str(p.relative_to(PKG.parent)), []).append(fn.name)
-    builders = {k: v for k, v in calls.items() if k != "aqsearch/materialize.py" and k != "aqsearch/strategies/study.py"}
+    builders = {k: v for k, v in calls.items() if k != "aqsearch/materialize.py"}
     assert builders == {"aqsearch/bank/core.py": ["build_plan"]}, calls
-    # the readers only decode stored layer maps
-    assert calls.get("aqsearch/strategies/study.py") == ["pick"]
 
 
 def test_no_module_over_400_lines_no_function_over_80_outside_kernels():
@@ -118,7 +116,8 @@ def test_no_module_over_400_lines_no_function_over_80_outside_kernels():
 
 def test_decision_layer_modules_have_test_files():
     tests = {p.stem for p in Path(__file__).parent.glob("test_*.py")}
-    for m in ("job", "bank", "study", "progressive", "knapsack", "polish", "artifact", "cli", "pipeline", "pruning", "journal"):
+    for m in ("job", "bank", "study", "progressive", "knapsack", "polish", "artifact", "cli", "pipeline", "journal", "score",
+              "racing", "front"):
         assert f"test_{m}" in tests, f"no tests/test_{m}.py"
 
 

@@ -54,3 +54,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
             if p.dim() == 2:
                 p.mul_(4.0)
     return m.eval()
+
+
+# `aqsearch search` / `run` on a tiny model in seconds: few windows, two polish steps, a small score study.
+TINY_FRONT = ["--eval-tokens", "64", "--seqlen", "32", "--calib-windows", "4", "--calib-seqlen", "32", "--polish-steps",
+              "2", "--trials", "10"]

@@ -82,12 +82,34 @@ def format_table(rows: list[dict]) -> str:
 
 
 def front_table(points: list[dict]) -> str:
-    head = f"{'trial':>6}{'bytes':>13}{'bpw':>7}{'KL mean':>10}{'KL p99':>9}{'ppl ratio':>11}{'top-1':>8}  start"
+    """Polished points with their held-out numbers; plans the racing stopped marked, with no KL."""
+    head = f"{'trial':>6}{'bytes':>13}{'bpw':>7}{'KL mean':>10}{'KL p99':>9}{'ppl ratio':>11}{'top-1':>8}  plan"
     lines = [head, "-" * len(head)]
     for p in points:
-        lines.append(f"{p['trial']:>6}{p['bytes']:>13,}{p['bpw'] or 0:>7.3f}{p['kl_mean']:>10.4f}{p['kl_p99'] or 0:>9.3f}"
-                     f"{p['ppl_ratio'] or 0:>11.4f}{p['top1'] or 0:>8.3f}  {p.get('warm_start') or ''}")
+        label = p.get("label") or p.get("warm_start") or ""
+        if p.get("polished") and p.get("kl_mean") is not None:
+            lines.append(f"{p['trial']:>6}{p['bytes']:>13,}{p.get('bpw') or 0:>7.3f}{p['kl_mean']:>10.4f}"
+                         f"{p.get('kl_p99') or 0:>9.3f}{p.get('ppl_ratio') or 0:>11.4f}{p.get('top1') or 0:>8.3f}  {label}")
+        else:
+            why = p.get("stopped_because") or "score only"
+            lines.append(f"{p['trial']:>6}{p['bytes'] or 0:>13,}{'-':>7}{'-':>10}{'-':>9}{'-':>11}{'-':>8}  "
+                         f"{label} (not polished: {why})")
     return "\n".join(lines)
+
+
+def hull_table(hull: list[dict]) -> str:
+    head = f"{'scheme':>10}{'bytes':>13}{'KL mean':>10}"
+    return "\n".join([head, "-" * len(head)] + [f"{h['scheme']:>10}{h['bytes']:>13,}{h['kl_mean']:>10.4f}" for h in hull])
+
+
+def parse_budgets(text: str):
+    """``B``, ``A:B`` (a range) or ``A,B,C`` (a list): the budgets, parsed once at the edge."""
+    from aqsearch.config import Budget
+
+    if ":" in text:
+        a, b = text.split(":", 1)
+        return [Budget.parse(a), Budget.parse(b)], True
+    return [Budget.parse(t) for t in text.split(",") if t.strip()], False
 
 
 def parse_budget(text: str):

@@ -87,18 +87,20 @@ def _programme(options, steps, cap: int) -> list[int] | None:
 
 
 
-def knapsack(bank, limit: int, quantum: int | None = None) -> Plan | None:
+def knapsack(bank, limit: int, quantum: int | None = None, score=None) -> Plan | None:
     """The strategy: least summed bank error (trained where finished, the median prediction where the
-    race stopped a candidate) within ``limit`` bytes, built by :meth:`Bank.plan`; ``None`` when nothing fits."""
-    choice = knapsack_choice(bank, limit, quantum)
+    race stopped a candidate) within ``limit`` bytes, built by :meth:`Bank.plan`; ``None`` when nothing fits.
+    ``score`` (:class:`aqsearch.bank.score.Score`): minimise the fitted score instead (each error weighed)."""
+    choice = knapsack_choice(bank, limit, quantum, score)
     return None if choice is None else bank.plan(choice)
 
 
-def knapsack_choice(bank, limit: int, quantum: int | None = None) -> dict[str, str] | None:
+def knapsack_choice(bank, limit: int, quantum: int | None = None, score=None) -> dict[str, str] | None:
     """The choice (unit -> scheme) :func:`knapsack` builds its plan from."""
+    cost = (lambda c: c.error) if score is None else (lambda c: score.unit_cost(c.unit, c.scheme, c.error))
     menus = [bank.menu(u) for u in bank.units]
     for u, m in zip(bank.units, menus):
         if not m:
             raise AqError(f"the bank holds no candidate of unit {u.name} yet (build it first)")
-    picks = solve([[(c.error, c.bytes) for c in m] for m in menus], limit, quantum)
+    picks = solve([[(cost(c), c.bytes) for c in m] for m in menus], limit, quantum)
     return None if picks is None else {u.name: m[j].scheme for u, m, j in zip(bank.units, menus, picks)}

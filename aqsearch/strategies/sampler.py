@@ -6,7 +6,11 @@ allocations, uniform schemes, progressive plans) are near it. This sampler takes
 point of the finished trials (warm starts included) as the parent and applies one to three moves:
 
 - *step*: one unit to the neighbouring scheme in its size order (a little more or less precision);
-- *trade*: one unit a step up and another a step down, so that the plan stays near the same size.
+- *trade*: one unit a step up and another a step down, so that the plan stays near the same size;
+- *block*: every unit of one block a step together (whole blocks as well as layer units);
+- *group*: one unit to another group size at the same bits (group size as a lever of its own);
+- *protect*: a cheap protection, a step up for every unit of a set: the first block, the last block, or
+  one kind of unit in every block (``o``, ``down``, ``qkv``: v sits in the fused qkv).
 
 A child that repeats an earlier trial is drawn again. Plain numpy random state, seeded: one worker
 with one seed gives the same sequence of trials.
@@ -15,6 +19,8 @@ with one seed gives the same sequence of trials.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import optuna
@@ -72,15 +78,46 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
             parent = front[self.rng.randint(len(front))]
             child = {k: parent.params[k] for k in names}
             for _ in range(self.rng.randint(1, self.max_moves + 1)):
-                if len(names) < 2 or self.rng.rand() < 0.5:  # a trade needs two units
-                    self._step(child, ladders, names[self.rng.randint(len(names))], self.rng.choice((-1, 1)))
-                else:
-                    a, b = self.rng.choice(len(names), size=2, replace=False)
-                    self._step(child, ladders, names[a], 1)
-                    self._step(child, ladders, names[b], -1)
+                self._move(child, ladders, names)
             if tuple(sorted(child.items())) not in seen:
                 break
         return child
+
+    def _move(self, child: dict, ladders: dict, names: list) -> None:
+        r, d = self.rng.rand(), self.rng.choice((-1, 1))
+        if len(names) < 2 or r < 0.3:
+            self._step(child, ladders, names[self.rng.randint(len(names))], d)
+        elif r < 0.55:  # a trade needs two units
+            a, b = self.rng.choice(len(names), size=2, replace=False)
+            self._step(child, ladders, names[a], 1)
+            self._step(child, ladders, names[b], -1)
+        elif r < 0.7:
+            blocks = sorted({b for b, _ in map(_where, names) if b is not None})
+            if blocks:
+                pick = blocks[self.rng.randint(len(blocks))]
+                for n in names:
+                    if _where(n)[0] == pick:
+                        self._step(child, ladders, n, d)
+        elif r < 0.85:
+            n = names[self.rng.randint(len(names))]
+            bits = _bits(child[n])
+            same = [c for c in ladders[n] if c != child[n] and bits is not None and _bits(c) == bits]
+            if same:
+                child[n] = same[self.rng.randint(len(same))]
+        else:
+            for n in self.protect_set(names):
+                self._step(child, ladders, n, 1)
+
+    def protect_set(self, names: list) -> list:
+        """One of the cheap protections (see the module): the units it raises."""
+        where = {n: _where(n) for n in names}
+        blocks = sorted({b for b, _ in where.values() if b is not None})
+        kinds = sorted({k for _, k in where.values() if k})
+        sets = [[n for n in names if where[n][0] == blocks[0]], [n for n in names if where[n][0] == blocks[-1]]] if blocks else []
+        sets += [[n for n in names if where[n][1] == k] for k in kinds if k in ("o", "down", "qkv")]
+        sets += [[n for n in names if where[n][0] is None]]  # embeddings / LM head, when governed
+        sets = [s for s in sets if s]
+        return sets[self.rng.randint(len(sets))] if sets else []
 
     @staticmethod
     def _step(child: dict, ladders: dict, name: str, direction: int) -> None:
@@ -91,3 +128,17 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+
+def _where(unit: str) -> tuple[int | None, str | None]:
+    """``model.layers.3.down`` -> ``(3, "down")``; ``model.layers.3`` -> ``(3, None)``; others ``(None, None)``."""
+    m = re.search(r"\.(\d+)(?:\.(\w+))?$", unit)
+    return (int(m.group(1)), m.group(2)) if m else (None, None)
+
+
+def _bits(choice) -> int | None:
+    """The bits of a scheme choice (``None`` for ``fp16`` or anything that is not a scheme)."""
+    try:
+        return QuantScheme.parse(choice).bits
+    except Exception:
+        return None

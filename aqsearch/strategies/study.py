@@ -1,15 +1,16 @@
-"""The Optuna study: a scheme per unit, held-out KL against bytes, the budget as a constraint.
+"""The score study: a scheme per unit, the fitted score against bytes, the budget as a constraint.
 
 This module, its sampler (:mod:`aqsearch.strategies.sampler`), :mod:`aqsearch.storage`, the bank's store and
 :mod:`aqsearch.plots` are the only ones that import optuna. A trial picks one scheme per unit of the bank's
 space (plus embedding units with ``embeddings=True``), builds its plan through :func:`aqsearch.bank.build_plan`,
 counts its exact bytes (``bytes - limit`` is its constraint, ``Trial.set_constraint``, mirrored into the
-``constraints`` system attribute that optuna-dashboard reads) and is scored by one held-out evaluation at
-round-to-nearest on the job's score windows. Its bank score (summed per-unit error) is recorded beside
-it; :class:`~aqsearch.strategies.pruning.DominationPruner` may stop it before the evaluation.
+``constraints`` system attribute that optuna-dashboard reads) and is valued by the **fitted score**
+(:class:`aqsearch.bank.score.Score`: the predicted polished KL, no model evaluation, so thousands of trials
+cost seconds). Its values are predictions, never quality: the polished front
+(:mod:`aqsearch.strategies.front`) races the best of them and reports what the polish measured.
 
-Warm starts, queued first: the knapsack over the bank at the job's budgets, the uniform schemes (those that
-fit first), plans given, an earlier study's trials. ``trials`` is the number of trials the study should
+Warm starts, queued first: the knapsack on the fitted score at exactly each of the job's budgets, the
+uniform schemes (those that fit first), plans given, an earlier study's trials. ``trials`` is the number of trials the study should
 hold. Workers (``workers > 1``) are processes started through :mod:`aqsearch.parallel` (one per GPU, or
 CPU processes without one) that load the model again and take queued trials; storages that take parallel
 writers: ``postgresql://...`` or ``journal:///file``. A study records its job's description; resuming
@@ -27,22 +28,18 @@ from dataclasses import asdict, dataclass
 
 import optuna
 
-from aqsearch.apply import WeightCache
 from aqsearch.bank.core import build_plan
 from aqsearch.config import Plan
 from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
-from aqsearch.quality import build_reference, evaluate
 from aqsearch.space import FULL, build_space
 from aqsearch.storage import QueueEmpty, drain, load_study, make_storage
-from aqsearch.strategies.pruning import DominationPruner
 
 # heartbeats, set_constraint and objective names are marked experimental; they are what we need
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-METRICS = ["KL mean (nats/token)", "bytes"]
+METRICS = ["score: predicted polished KL (not measured)", "bytes"]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-FIELDS = ("kl_p99", "kl_max", "top1", "ppl", "ppl_ref", "ppl_ratio", "bytes_total", "bpw")
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,6 @@ class StudyConfig:
     sampler: str = "local"  # moves around the front (aqsearch.strategies.sampler); or "tpe", "nsga2"
     population: int = 30  # NSGA-II's generation size
     seed: int = 0
-    prune: bool = True
     warm_uniform: bool = True
     warm_knapsack: int = 4  # knapsack allocations queued first, at this many budgets up to the limit
     embeddings: bool = False
@@ -81,12 +77,10 @@ def study_space(bank, embeddings: bool):
 
 
 class Objective:
-    """Scores trials: one held-out evaluation at round-to-nearest (weights cached across trials)."""
+    """Values trials by the fitted score (``score(bank, choice)``: the predicted polished KL)."""
 
-    def __init__(self, job, bank, space, limit: int, pruner: DominationPruner | None):
-        self.job, self.bank, self.space, self.limit, self.pruner = job, bank, space, limit, pruner
-        self.ref = build_reference(job.loaded.model, job.score, batch_size=job.batch, cache_key=job.loaded.fingerprint)
-        self.weights = WeightCache()
+    def __init__(self, bank, space, limit: int, score):
+        self.bank, self.space, self.limit, self.score = bank, space, limit, score
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         if "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
@@ -99,21 +93,11 @@ class Objective:
         if "constraints:memory" not in trial.storage.get_trial_system_attrs(trial._trial_id):
             trial.set_constraint("memory", float(nbytes - self.limit))
         trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(nbytes - self.limit)])
-        score = self.bank.score(choice)  # embedding units, if any, are not banked and add nothing
+        banked = {u.name: choice[u.name] for u in self.bank.units}  # embedding units are not banked
+        score = float(self.score(self.bank, banked))
         trial.set_user_attr("score", score)
         trial.set_user_attr("plan", json.dumps(plan.to_json()["layers"]))
-        if self.pruner is not None:
-            done = [(t.values[0], int(t.values[1]), t.user_attrs["score"]) for t in
-                    trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                    if "score" in t.user_attrs]
-            why = self.pruner.judge(score, nbytes, done)
-            if why:
-                trial.set_user_attr("pruned_because", why)
-                raise optuna.TrialPruned(why)
-        m = evaluate(self.job.loaded.model, self.ref, plan, list(self.space.layers), self.weights, self.job.batch)
-        for k in FIELDS:
-            trial.set_user_attr(k, getattr(m, k))
-        return m.kl_mean, float(nbytes)
+        return score, float(nbytes)
 
 
 def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> None:
@@ -135,9 +119,10 @@ def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> No
         study.enqueue_trial({})
 
 
-def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=()) -> list[tuple[str, dict]]:
-    """Knapsack choices at the job's budgets (or spread up to the limit), then the uniform schemes (those
-    within the limit first, largest first), then the plans given, then an earlier study's trials."""
+def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=(), score=None) -> list[tuple[str, dict]]:
+    """Knapsack choices on the fitted ``score`` at the job's budgets (or spread up to the limit), then the
+    uniform schemes (those within the limit first, largest first), then the plans given, then an earlier
+    study's trials."""
     from aqsearch.strategies.knapsack import knapsack_choice
 
     emb = {u.name: FULL for u in space.units if u.choices[0] == FULL}
@@ -147,7 +132,7 @@ def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=()) -> 
     budgets = job.budgets if len(job.budgets) > 1 or n <= 1 else tuple(
         low + (job.limit - low) * k // n for k in range(n, 0, -1))
     for b in (budgets if n else ()):
-        c = knapsack_choice(bank, b)
+        c = knapsack_choice(bank, b, score=score)
         if c is not None and all({**emb, **c} != p for _, p in out):
             out.append((f"knapsack {8 * b / bank.space.weights:.3f} bpw", {**emb, **c}))
     if config.warm_uniform:
@@ -190,8 +175,13 @@ def open_study(job, storage: str, name: str, config: StudyConfig, space, limit: 
 
 
 def run_study(job, bank, storage: str, name: str, trials: int, config: StudyConfig = StudyConfig(),
-              limit: int | None = None, workers: int = 1, warm_plans=(), warm_study: str | None = None) -> optuna.Study:
-    """Create or continue a study over a built bank and run trials until its queue is empty."""
+              limit: int | None = None, workers: int = 1, warm_plans=(), warm_study: str | None = None,
+              score=None) -> optuna.Study:
+    """Create or continue a study over a built bank and run trials until its queue is empty. ``score``: the
+    fitted :class:`~aqsearch.bank.score.Score` (default: unfitted, the composed sum of bank errors)."""
+    from aqsearch.bank.score import Score
+
+    score = score or Score()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     limit = job.limit if limit is None else limit
     space = study_space(bank, config.embeddings)
@@ -206,7 +196,7 @@ def run_study(job, bank, storage: str, name: str, trials: int, config: StudyConf
         study.set_user_attr("bank", {"storage": bank.store.safe_url, "key": bank.key})
     if not [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]:
         earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
-        _queue(study, trials, warm_starts(bank, space, job, config, warm_plans, earlier))
+        _queue(study, trials, warm_starts(bank, space, job, config, warm_plans, earlier, score))
     else:
         _queue(study, trials, [])
     handle = None
@@ -215,9 +205,9 @@ def run_study(job, bank, storage: str, name: str, trials: int, config: StudyConf
 
         from aqsearch.parallel import start_workers, worker_slots
 
-        spec = {"job": job, "storage": storage, "name": name, "config": config, "limit": limit}
+        spec = {"job": job, "storage": storage, "name": name, "config": config, "limit": limit, "score": score.to_json()}
         handle = start_workers(partial(_worker_init, spec), _worker_run, worker_slots(workers)[1:] or [""])
-    obj = Objective(job, bank, space, limit, DominationPruner() if config.prune else None)
+    obj = Objective(bank, space, limit, score)
     from aqsearch.capture import progress
 
     with progress(trials, f"search {name}", unit="trial") as bar:
@@ -252,46 +242,20 @@ def _worker_init(spec: dict):
 def _worker_run(state, _job) -> int:
     job, bank, study, spec = state
     space = study_space(bank, spec["config"].embeddings)
-    obj = Objective(job, bank, space, spec["limit"], DominationPruner() if spec["config"].prune else None)
+    from aqsearch.bank.score import Score
+
+    obj = Objective(bank, space, spec["limit"], Score.from_json(spec["score"]))
     drain(study, obj, spec["config"].heartbeat)
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def study(bank, limit: int, job, storage: str, name: str, trials: int = 16, config: StudyConfig = StudyConfig(),
-          workers: int = 1) -> Plan:
-    """The strategy: run (or continue) the study, return the front's best plan within ``limit``."""
-    run_study(job, bank, storage, name, trials, config, limit, workers)
-    return pick(storage, name, limit)[0]
-
-
 # ---- reading a study ------------------------------------------------------------------------------
-def pareto_front(storage: str, name: str) -> list[dict]:
-    """The feasible Pareto front, fewest bytes first: one dict per trial with its evaluation fields."""
+def score_front(storage: str, name: str) -> list[dict]:
+    """The score study's feasible front, fewest bytes first: predictions only (``"polished": false``)."""
     study = load_study(storage, name)
-    pts = []
-    for t in study.best_trials:
-        a = t.user_attrs
-        pts.append({"trial": t.number, "kl_mean": t.values[0], "bytes": int(t.values[1]),
-                    **{k: a.get(k) for k in FIELDS}, "score": a.get("score"), "warm_start": a.get("warm_start"),
-                    "polished": False})
-    return sorted(pts, key=lambda p: p["bytes"])
-
-
-def pick(storage: str, name: str, limit: int) -> tuple[Plan, dict]:
-    """The front's lowest-KL plan within ``limit`` bytes: (plan, its point)."""
-    study = load_study(storage, name)
-    if not study.user_attrs.get("aqsearch"):
-        raise AqError(f"study {name!r} was not made by aqsearch search (it records no model size)")
-    front = pareto_front(storage, name)
-    if not front:
-        raise AqError(f"study {name!r} has no finished feasible trial yet")
-    fits = [p for p in front if p["bytes"] <= limit]
-    if not fits:
-        raise AqError(f"budget {format_bytes(limit)} ({limit:,} B) is below the smallest plan on the front: "
-                      f"{format_bytes(front[0]['bytes'])} ({front[0]['bytes']:,} B, trial {front[0]['trial']})")
-    best = min(fits, key=lambda p: p["kl_mean"])
-    t = study.trials[best["trial"]]
-    return Plan.from_layers(json.loads(t.user_attrs["plan"])), best
+    return sorted(({"trial": t.number, "score": t.values[0], "bytes": int(t.values[1]), "kl_mean": None,
+                    "warm_start": t.user_attrs.get("warm_start"), "polished": False} for t in study.best_trials),
+                  key=lambda p: p["bytes"])
 
 
 def study_info(storage: str, name: str) -> dict:
