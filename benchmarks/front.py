@@ -68,9 +68,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="polish steps (default 12 small, 200 full)")
     ap.add_argument("--budgets", default=None, help="comma-separated bpw (default: 2.4 ... 4.0 between uniform sizes, "
                     "and 2.5625, 3.296875, 4.3125)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="past this many seconds from the start, race no more plans and polish no stopped one")
     ap.add_argument("--stage", choices=("all", "hull", "front"), default="all",
                     help="hull: the uniform hull only; front: the rest (the hull already in --workdir's study)")
     ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--calib-windows", type=int, default=64, help="full settings: calibration windows of 2048")
     ap.add_argument("--workdir", default="/tmp/aqsearch-front-bench")
     ap.add_argument("--out", default=str(HERE / "results" / "front.jsonl"))
     ap.add_argument("--plot", default=str(HERE / "results" / "front.png"))
@@ -93,8 +96,10 @@ def main() -> int:
         from aqsearch.models import load_model
 
         n = len(load_model(args.model).tokenizer(test.read_text())["input_ids"])
-        data = DataConfig(str(d / "wikitext-2-valid.tokens.txt"), str(test), None, 128, 2048, n // 2048 * 2048, 2048,
-                          score_tokens=32 * 2048)
+        # the validation text's first half (137k tokens for SmolLM2) calibrates: 64 windows of 2048 at most;
+        # its second half scores
+        data = DataConfig(str(d / "wikitext-2-valid.tokens.txt"), str(test), None, args.calib_windows, 2048,
+                          n // 2048 * 2048, 2048, score_tokens=32 * 2048)
     steps = args.steps or (12 if small else 200)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.budgets:
@@ -118,13 +123,22 @@ def main() -> int:
         return 0
     front._refit()
     entrants = front.promoted(front.search())
-    trials = front.race(entrants)
+    late = lambda: args.deadline_s is not None and time.time() - t0 > args.deadline_s  # noqa: E731
+    trials, unraced = [], []
+    for c, lab, sc in entrants:  # what Front.race does, with the deadline
+        if late():
+            unraced.append(lab)
+            continue
+        trials.append(front._run(c, lab, {"score": sc, "hull": False}, True))
     t_front = time.time() - t0 - t_bank - t_hull
     summ = summary(storage, name)
     # 3. the stopped plans polished fully: the front without racing
     stopped = [t for t in trials if t.state.name == "PRUNED"]
     extra = []
     for t in stopped:
+        if late():
+            extra.append({"trial": t.number, "label": t.user_attrs.get("label"), "skipped": "deadline"})
+            continue
         plan = bank.plan(dict(t.params))
         r = front.polisher.full(plan, f"trial-{t.number:04d}", t.user_attrs["rungs"]["0"])
         extra.append({"trial": t.number, "label": t.user_attrs.get("label"), "bytes": t.user_attrs["bytes"],
@@ -137,7 +151,7 @@ def main() -> int:
     raced = [(p["kl_mean"], p["bytes"], p["label"]) for p in summ["front"] if p["polished"]]
     done = [(t.values[0], int(t.values[1]), t.user_attrs.get("label", "")) for t in
             front.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    every = done + [(e["kl_mean"], e["bytes"], e["label"]) for e in extra]
+    every = done + [(e["kl_mean"], e["bytes"], e["label"]) for e in extra if "kl_mean" in e]
     limit = int(max(b for b, _ in budgets) * bank.space.weights / 8)
     hv_race, hv_all = hypervolume([(k, b) for k, b, _ in done], limit), hypervolume([(k, b) for k, b, _ in every], limit)
     rows = ratios(done, hull, budgets, bank.space.weights)
@@ -148,6 +162,7 @@ def main() -> int:
                         "polish_steps": steps, "promote": args.promote, "trials": args.trials, "granularity": "layer"},
            "hull": [{"scheme": s, "kl_mean": k, "bytes": b, "bpw": 8 * b / bank.space.weights} for k, b, s in hull],
            "budgets": rows, "median_between_front_vs_hull": statistics.median(between) if between else None,
+           "unraced_for_the_deadline": unraced,
            "racing": {**summ["racing"], "full_polishes_without_racing": full_all,
                       "fewer_full_polishes": full_all / max(summ["racing"]["full_polishes"], 1),
                       "hypervolume_racing": hv_race, "hypervolume_all": hv_all,

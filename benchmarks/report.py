@@ -344,6 +344,10 @@ def front_table() -> str:
                          f"{_f(b['staircase'])} | {_f(b['hull_line'])} | {_f(b['front_vs_staircase'], '.3f')} | "
                          f"{_f(b['front_vs_hull'], '.3f')} | {_f(b['mixed_vs_staircase'], '.3f')} | {_f(b['mixed_vs_hull'], '.3f')} |")
         rc = r["racing"]
+        if r.get("unraced_for_the_deadline"):
+            lines += ["", f"**Cut short by its deadline** (one 10-minute device call): {len(r['unraced_for_the_deadline'])} "
+                      f"promoted plans never raced ({', '.join(r['unraced_for_the_deadline'])}); where no raced plan fits "
+                      "a budget, the front there is the uniform hull's own point, not a search result."]
         fits = r["score_fits"][-1] if r["score_fits"] else {}
         loo, ahead = fits.get("leave_one_out", {}), fits.get("raced_score_vs_kl", {})
         lines += ["", f"Median front / hull line at the in-between budgets: {_f(r['median_between_front_vs_hull'], '.3f')}. "

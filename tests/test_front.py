@@ -115,3 +115,19 @@ def test_a_run_again_polishes_nothing_twice(ran, monkeypatch, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert [p["trial"] for p in again["front"]] == [p["trial"] for p in res["front"]]
+
+
+def test_budget_forms_and_a_study_resumed_with_other_settings(ran, tiny_dir, capsys):
+    """``A,B`` is a list and ``A:B`` a range; a front study resumed with another hull is refused in one line
+    before any work, with more trials it goes on (catches a study that mixes two settings into one front)."""
+    from aqsearch.cli.common import parse_budgets
+
+    assert [b.value for b in parse_budgets("3bpw:5bpw")[0]] == [3.0, 5.0] and parse_budgets("3bpw:5bpw")[1]
+    assert len(parse_budgets("3bpw,4bpw,5bpw")[0]) == 3 and not parse_budgets("3bpw,4bpw")[1]
+    res, d, argv = ran
+    other = [a if a != "menu" else "range" for a in argv]
+    capsys.readouterr()
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "other settings (front differ)" in err[-1] and err[-1].startswith("aqsearch: error:")
+    assert not any("polish" in line for line in err)

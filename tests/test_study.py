@@ -1,20 +1,13 @@
 """The score study on a tiny model: space, score front, warm starts on the fitted score, reproducibility,
 crash and resume, workers, settings carried by the study. (The polished front: tests/test_front.py.)"""
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import warnings
 
 import optuna
 import pytest
 
-from aqsearch.cli import main
 from aqsearch.memory import plan_bytes
-from aqsearch.models import load_model
 from aqsearch.bank import build_plan
 from aqsearch.storage import load_study
 from aqsearch.strategies.study import hypervolume

@@ -45,7 +45,7 @@ def data_config(args, calib_windows: int = 16, calib_seqlen: int = 128):
 def front_job(args):
     """The job and the front's settings that ``run`` and ``search`` share, checked before any work."""
     from aqsearch.bank import BankConfig
-    from aqsearch.job import JOB_MENU, Job
+    from aqsearch.job import JOB_MENU
     from aqsearch.strategies.front import FrontConfig
     from aqsearch.training import TrainSettings
 

@@ -33,7 +33,6 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 
 from aqsearch.bank import score as scoring
-from aqsearch.config import Plan
 from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
 from aqsearch.storage import load_study, make_storage
@@ -221,7 +220,10 @@ def _open(job, bank, storage: str, name: str, config: FrontConfig) -> optuna.Stu
         held = optuna.load_study(study_name=name, storage=make_storage(storage)).user_attrs.get("aqsearch")
         if held is None:
             raise AqError(f"study {name!r} in the storage was not made by aqsearch; use another --study name")
-        diff = [k for k in ("job", "budgets", "front", "units") if held.get(k) != info[k]]
+        # trials and promote only add work: a study resumed with more of either goes on
+        same = lambda d: {k: v for k, v in (d or {}).items() if k not in ("trials", "promote")}  # noqa: E731
+        diff = [k for k in ("job", "budgets", "units") if held.get(k) != info[k]]
+        diff += ["front"] if same(held.get("front")) != same(info["front"]) else []
         if diff:
             raise AqError(f"study {name!r} in the storage was made with other settings ({', '.join(diff)} differ); "
                           "use another --study name, or the settings it was made with")
@@ -349,9 +351,3 @@ def summary(storage: str, name: str) -> dict:
 def study_info(storage: str, name: str) -> dict:
     """What the front study recorded of its job (model, budgets, weights count)."""
     return dict(_frozen(storage, name).user_attrs["aqsearch"])
-
-
-def plan_of(point: dict) -> Plan:
-    from aqsearch.artifact import Artifact
-
-    return Artifact.load(point["artifact"]).plan
