@@ -132,8 +132,31 @@ def step_bytes(model) -> int:
     return total + emb.shape[1] * emb.element_size()
 
 
+def profile_step(dec, replays: int = 4) -> dict:
+    """Kernel time of a captured step by kernel (``torch.profiler`` over a few graph replays): the step's
+    kernel total, the launches, and the top kernels by time (us a step), to set against the wall ms a step."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            dec.graph.replay()
+        torch.cuda.synchronize()
+    by = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by[e.name][0] += 1
+            by[e.name][1] += e.time_range.end - e.time_range.start
+    top = sorted(by.items(), key=lambda kv: -kv[1][1])
+    return {"kernel_us_per_step": round(sum(v[1] for v in by.values()) / replays, 1),
+            "launches_per_step": round(sum(v[0] for v in by.values()) / replays, 1),
+            "top": [[name[:90], round(v[0] / replays, 2), round(v[1] / replays, 1)] for name, v in top[:15]]}
+
+
 def run_one(model, prompt, new_tokens: int, graphs: bool) -> dict:
-    dec = Decoder(model, prompt.shape[0], prompt.shape[1] + new_tokens + 4, graphs)
+    dec = Decoder(model, prompt.shape[0], prompt.shape[1] + new_tokens + 12, graphs)
     dec.prefill(prompt)
     err = None
     try:
@@ -145,8 +168,18 @@ def run_one(model, prompt, new_tokens: int, graphs: bool) -> dict:
         dec.prefill(prompt)
     toks, secs = dec.decode(new_tokens)
     b = prompt.shape[0]
+    prof = None
+    if dec.graph is not None and os.environ.get("AQSEARCH_DECODE_PROFILE", "0") not in ("", "0") and b == 1:
+        try:  # the cache has 12 spare positions: 4 more steps fit
+            prof = profile_step(dec)
+            log(f"profile (batch 1): {prof['kernel_us_per_step']:.0f} us of kernels in {1e3 * secs / new_tokens:.3f} ms "
+                f"a step, {prof['launches_per_step']:.0f} launches; top: "
+                + "; ".join(f"{n[:48]} x{c:g} {u:.0f} us" for n, c, u in prof["top"][:8]))
+        except Exception as e:
+            log(f"profile failed: {type(e).__name__}: {e}")
     return {"tokens": toks, "seconds": secs, "tokens_per_s": b * new_tokens / secs,
-            "ms_per_step": 1e3 * secs / new_tokens, "graphs": dec.graph is not None, "graph_error": err}
+            "ms_per_step": 1e3 * secs / new_tokens, "graphs": dec.graph is not None, "graph_error": err,
+            "profile": prof}
 
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -315,6 +348,9 @@ def main(argv=None) -> int:
                    "greedy_agreement": round(same / (b * args.new_tokens), 4),
                    "bytes": mem_q.bytes, "bytes_total": mem_q.bytes_total, "bpw": round(mem_q.bpw, 4),
                    "base_bytes_total": mem_fp16.bytes_total, "layers": n_layers, **_record(f, got, b, q_bytes, q_launch)}
+            if got.get("profile") or ref.get("profile"):
+                rec["profile"] = got.get("profile")
+                rec["base_profile"] = ref.get("profile")
             append_result(args.out, rec)
             print(f"{name} batch {b}: {rec['dtype']} {rec['base_tokens_per_s']:.0f} tok/s, {sch} "
                   f"{rec['quant_tokens_per_s']:.0f} tok/s (x{rec['speedup']:.2f}), greedy agreement "

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Issue 21 on one H200 (one process on the GPU at a time; timeouts sum to 495 s), 8 files to $OUT:
-# env.txt, pytest.log (pk GEMV + fused kernels on the GPU: the asm path against the reference),
-# matmul.log + kernels.jsonl + decode.jsonl + summary.txt + tuned.py (benchmarks/matmul.py --all, then
-# benchmarks/decode.py --llama8b, fused decode step), ncu.txt (Nsight Compute on the w4 M=1 GEMV, if ncu runs).
+# Issue 21 on one H200 or H100 (one process on the GPU at a time), 8 files to $OUT:
+# run.log (machine, versions, GPU tests, the probe's table, each step's exit code), matmul.log + summary.txt +
+# kernels.jsonl + tuned.py + decode.jsonl (benchmarks/matmul.py --all at MS (default 1,1024,4096; the decode's
+# fused q/k/v and gate/up shapes at M = 1 too), then
+# benchmarks/decode.py --llama8b with a kernel profile of one captured step), probe.jsonl (benchmarks/pk_profile.py:
+# M = 1 eager / CUDA-graph / kernel-only times, ours and cuBLAS, kernel names), ncu.txt (Nsight Compute on
+# exactly the probe's launches: cudaProfilerStart/Stop ranges, no kernel-name filter).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aq21}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AQSEARCH_CACHE=/tmp/aqc TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv; git log --oneline -1
-  python -c "import torch,triton,transformers as t;print(torch.__version__,triton.__version__,t.__version__)"; } >"$OUT/env.txt" 2>&1
-timeout 50 python -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemv_pk.py tests/kernels/test_fused.py \
-  -k "not budget and not launch_count" >"$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >>"$OUT/pytest.log"
-timeout 400 python benchmarks/matmul.py --all --out "$OUT/r" --ms 1,8,1024,4096 --deadline-s 380 --decode-s 180 \
-  --run "issue21 $(git rev-parse --short HEAD)" >"$OUT/summary.txt" 2>"$OUT/matmul.log"; echo "matmul rc=$?" >>"$OUT/matmul.log"
+L="$OUT/run.log"
+{ date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv; git log --oneline -1 2>/dev/null
+  python -c "import torch,triton,transformers as t;print(torch.__version__,triton.__version__,t.__version__)"; } >"$L" 2>&1
+[ "${T_TEST:-60}" -gt 0 ] && timeout ${T_TEST:-60} python -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemv_pk.py tests/kernels/test_kernels.py \
+  -k "(kn or gemv_pk) and not budget" >>"$L" 2>&1; echo "pytest rc=$?" >>"$L"
+AQSEARCH_DECODE_PROFILE=1 timeout $((${DEADLINE:-235} + 15)) python benchmarks/matmul.py --all --out "$OUT/r" \
+  --ms ${MS:-1,1024,4096} --shapes 8192x8192,4096x14336,14336x4096,4096x4096 --m1-shapes 4096x6144,4096x28672 \
+  --deadline-s ${DEADLINE:-235} --decode-s ${DECODE_S:-95} ${DECODE_SCHEMES:+--decode-schemes $DECODE_SCHEMES} \
+  --run "issue21b $(date -u +%m%d-%H%M)" >"$OUT/summary.txt" 2>"$OUT/matmul.log"; echo "matmul rc=$?" >>"$L"
 for f in kernels.jsonl decode.jsonl tuned.py; do [ -f "$OUT/r/$f" ] && mv "$OUT/r/$f" "$OUT/$f"; done
 rm -rf "$OUT/r"
-if command -v ncu >/dev/null; then
-  timeout 40 ncu --kernel-name regex:gemv_pk --launch-skip 3 --launch-count 1 --section SpeedOfLight \
-    --section Occupancy --section WarpStateStats --section LaunchStats python benchmarks/pk_profile.py \
-    --bits 4 --k 8192 --n 8192 >"$OUT/ncu.txt" 2>&1
+timeout ${T_PROBE:-60} python benchmarks/pk_profile.py --shapes 8192x8192,4096x14336 --bits 2,3,4,8 --out "$OUT/probe.jsonl" \
+  --run issue21b >/dev/null 2>>"$L"; echo "probe rc=$?" >>"$L"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  timeout ${T_NCU:-75} "$NCU" --profile-from-start off --clock-control none --cache-control all --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+    --section SchedulerStats python benchmarks/pk_profile.py --shapes 8192x8192 --bits 2,3,4,8 --ncu >"$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$? ($NCU)" >>"$L"
 else
-  timeout 40 python benchmarks/pk_profile.py --bits 4 --k 8192 --n 8192 >"$OUT/ncu.txt" 2>&1; echo "(no ncu)" >>"$OUT/ncu.txt"
+  echo "no ncu on this machine" >>"$L"
 fi
-tail -3 "$OUT/pytest.log"; grep -v "^warm\|^  skip" "$OUT/matmul.log" | tail -4; head -60 "$OUT/summary.txt"; ls "$OUT"
+cat "$L"; grep -v "^warm\|^  skip" "$OUT/matmul.log" | tail -5; head -70 "$OUT/summary.txt"; grep -c "" "$OUT/ncu.txt"; ls -la "$OUT"

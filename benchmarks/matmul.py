@@ -167,8 +167,8 @@ def precompile(args) -> None:
 
     # one job per (bits, group, M) over all shapes (the shapes of one job share most compiled variants: per-shape
     # jobs would compile the same kernels side by side), longest first: M = 1 (most candidates), 3 bits
-    jobs = [(args.shapes, b, g, m, args.dry_run) for m in sorted(args.ms) for b in sorted(args.bits, key=lambda b: b != 3)
-            for g in args.groups]
+    jobs = [(args.shapes + (args.m1_shapes if m == 1 else []), b, g, m, args.dry_run) for m in sorted(args.ms)
+            for b in sorted(args.bits, key=lambda b: b != 3) for g in args.groups]
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for i, (b, m, dt, fails) in enumerate(pool.imap_unordered(_warm, jobs)):
@@ -180,7 +180,7 @@ def order(args):
     """The acceptance points first (M = 1, 1024, 4096 on 8192x8192 and 4096x14336), then the rest."""
     pts = [(k, n, m) for (k, n) in args.shapes for m in args.ms]
     first = lambda p: (p[2] not in (1, 1024, 4096), (p[0], p[1]) not in ((8192, 8192), (4096, 14336)))  # noqa: E731
-    return sorted(pts, key=first)
+    return sorted(pts, key=first) + [(k, n, 1) for (k, n) in args.m1_shapes if 1 in args.ms]
 
 
 def run(args, rec) -> tuple[list[dict], dict]:
@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="compile in parallel, the whole grid, then the 8B decode")
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes: prove the script runs")
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: Llama-3-8B's and 8192x8192)")
+    ap.add_argument("--m1-shapes", default="", help="KxN,... measured at M = 1 only, after the grid (e.g. the "
+                    "decode's fused q/k/v 4096x6144 and gate/up 4096x28672, so that the decode runs tuned configs)")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--groups", default="128")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -290,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=470, help="the whole run's wall-time limit: kernel points "
                     "left when only --decode-s remain are skipped (acceptance points run first)")
     ap.add_argument("--decode-s", type=float, default=170, help="seconds kept for the 8B decode")
+    ap.add_argument("--decode-schemes", default=None, help="the decode's schemes (default: decode.py's four)")
     ap.add_argument("--table", default=None, metavar="JSONL", help="print the markdown table of a results file")
     args = ap.parse_args(argv)
     if args.table:
@@ -303,6 +306,7 @@ def main(argv=None) -> int:
         log("benchmarks/matmul.py needs a CUDA GPU (or --dry-run)")
         return 2
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ",".join(f"{k}x{n}" for k, n in SHAPES)).split(",")]
+    args.m1_shapes = [tuple(int(v) for v in s.split("x")) for s in args.m1_shapes.split(",") if s]
     args.bits, args.groups = [int(b) for b in args.bits.split(",")], [int(g) for g in args.groups.split(",")]
     args.ms = [int(m) for m in args.ms.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
 
     env = environment()
     run_id = args.run or f"{time.strftime('%Y%m%d-%H%M%S')} {env['machine']}"
-    settings = {"shapes": args.shapes, "bits": args.bits, "groups": args.groups, "ms": args.ms, "zeros": "int-packed",
+    settings = {"shapes": args.shapes, "m1_shapes": args.m1_shapes, "bits": args.bits, "groups": args.groups, "ms": args.ms, "zeros": "int-packed",
                 "timing": "cuda-graph replays over rotating weight copies > 3x L2", "dry_run": args.dry_run}
     kpath = os.path.join(args.out, "kernels.jsonl")
     rec = lambda r: append_result(kpath, {"bench": "kernels", "run": run_id, "settings": settings, **r})  # noqa: E731
@@ -336,6 +340,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.join(HERE, "decode.py"), "--llama8b", "--out", dpath, "--run", run_id]
         if args.dry_run:
             cmd += ["--dry-run"]
+        if args.decode_schemes:
+            cmd += ["--scheme", args.decode_schemes]
         log("decode: " + " ".join(cmd))
         try:
             subprocess.run(cmd, timeout=max(60.0, args.deadline_s - (time.time() - t0)), check=False)

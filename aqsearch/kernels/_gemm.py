@@ -122,14 +122,60 @@ def _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_
 
 
 @triton.jit
+def _kn_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm, k_start, k_end,
+             BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr, BK: tl.constexpr,
+             DOT_F32: tl.constexpr, F16W: tl.constexpr):
+    """Large-M K loop: ``acc[BM, BN] += x[BM, BK] @ W[BK, BN]`` (not swapped: M is the wide side).
+
+    2/4/8 bits: each word is loaded once, as a ``[BK // per_word, BN]`` block (N contiguous), and
+    unpacked along a new middle axis, so that a reshape gives the tile in natural K order (x needs no
+    permutation); 3 bits read the codes per row (``_codes_kn``). ``F16W`` (fp16 x, integer or
+    symmetric zeros): the tile is built in fp16: ``0x6400 | q`` is the fp16 ``1024 + q`` (magic
+    number, no conversion instruction), minus ``1024 + z`` is ``q - z`` exactly, times the fp16 scale
+    rounds once: the reference's weight to the bit (its fp32 ``(q - z) * s`` is exact before the
+    rounding too). Otherwise fp32 as the gather loop. Needs ``BK <= GROUP`` (one scale a column a tile).
+    """
+    rk = tl.arange(0, BK)
+    for k0 in range(k_start, k_end, BK):
+        kk = k0 + rk
+        kmask = kk < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if BITS == 3:
+            q = _codes_kn(w_ptr, kk, rn, kmask, nmask, N, n_lo, BITS)
+        else:
+            PW: tl.constexpr = 32 // BITS
+            R: tl.constexpr = BK // PW
+            rows = k0 // PW + tl.arange(0, R)
+            w = tl.load(w_ptr + rows[:, None] * N + rn[None, :],
+                        mask=(rows < (K + PW - 1) // PW)[:, None] & nmask[None, :], other=0)  # [R, BN]
+            j = tl.arange(0, PW)
+            q = tl.reshape((w[:, None, :] >> (j * BITS)[None, :, None]) & ((1 << BITS) - 1), [BK, w.shape[1]])  # k = k0 + t
+        gi = k0 // GROUP
+        z = group_zero(z_ptr, gi, N, ZW, rn, nmask, BITS, ZMODE, False)
+        if F16W:
+            s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float16)
+            zh = (z + 1024.0).to(tl.float16)  # an integer below 2048: exact
+            qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
+            b = (qh - zh[None, :]) * s[None, :]
+        else:
+            s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exactly float(q)
+            b = ((qf - z[None, :]) * s[None, :]).to(x_ptr.dtype.element_ty)
+        acc = _dot(acc, a, b, DOT_F32)
+    return acc
+
+
+@triton.jit
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                 M, N, K, n_lo, ZW, stride_xm, stride_om, k_per_split, n_split,
                 BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                USE_WS: tl.constexpr, DOT_F32: tl.constexpr, PACKED: tl.constexpr):
+                USE_WS: tl.constexpr, DOT_F32: tl.constexpr, PACKED: tl.constexpr,
+                KN: tl.constexpr = False, F16W: tl.constexpr = False):
     """``out = x @ W``; grid ``(cdiv(M, BM) * cdiv(N, BN), n_split)``, tiles in GROUP_M-row bands.
 
-    ``PACKED`` picks the load-once, swapped-operand loop (``_packed_loop``) over the gather loop.
+    ``PACKED`` picks the load-once, swapped-operand loop (``_packed_loop``) over the gather loop;
+    ``KN`` the large-M loop (``_kn_loop``, words loaded once, not swapped; ``F16W``: the tile built in fp16).
     ``DOT_F32`` runs the dot on fp32 copies of its operands: for fp32 activations, and under the CPU
     interpreter for bf16 (its bf16 ``tl.dot`` returns garbage, FIELD-NOTES). The operands are bf16
     values either way (the weight tile is rounded to bf16 first), so the products are the same exact
@@ -156,6 +202,12 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                            k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32)
         tile_store(tl.trans(acc), out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn,
                    stride_om, BM, BN, USE_WS)
+    elif KN:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = _kn_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm,
+                       k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32, F16W)
+        tile_store(acc, out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn, stride_om,
+                   BM, BN, USE_WS)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc = _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm,

@@ -400,7 +400,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                    BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
-                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False):
+                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1):
     """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
 
     Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
@@ -434,7 +434,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             pf |= tl.load(w_ptr + row * N + cols, mask=(cols * 0 + row < nrows) & cmask, other=0)
         tl.extra.cuda.gdc_wait()
         a += (pf & 0x3FFFFFFF).to(tl.float32, bitcast=True) * 0.0  # keeps the loads (finite: adds 0)
-    for k0 in range(k_start, k_end, BKS):
+    for k0 in tl.range(k_start, k_end, BKS, num_stages=STAGES):
         gi = k0 // GROUP
         if EVEN_N:
             s = tl.load(s_ptr + gi * N + cols).to(tl.float32)

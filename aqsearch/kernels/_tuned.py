@@ -1,7 +1,8 @@
 """Kernel choices measured on GPUs by ``benchmarks/matmul.py --all``: GPU name -> tuner key ->
 config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner's time in us.
 
-The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``).
+The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``); the H100
+entries from issue 21's run of 2026-12-06 (M = 1, 1024 and 4096 on the Llama-3-8B and 8192x8192 shapes).
 Used before measuring; a GPU or shape not listed here is measured on first use."""
 
 TUNED: dict[str, dict[str, dict]] = {
@@ -186,5 +187,56 @@ TUNED: dict[str, dict[str, dict]] = {
         '8:128:a:float16:8:4096:14336': {'BK': 64, 'BM': 16, 'BN': 64, 'num_stages': 3, 'num_warps': 4, 'packed': False, 'path': 'gemm', 'split': 4, 'us': 51.319},
         '8:128:a:float16:8:4096:4096': {'BK': 64, 'BM': 16, 'BN': 64, 'num_stages': 3, 'num_warps': 4, 'packed': False, 'path': 'gemm', 'split': 4, 'us': 18.404},
         '8:128:a:float16:8:8192:8192': {'BK': 64, 'BM': 16, 'BN': 64, 'num_stages': 3, 'num_warps': 4, 'packed': False, 'path': 'gemm', 'split': 2, 'us': 57.775},
+    },
+    # H100: issue 21's run of 2026-12-06 (benchmarks/results/logs/issue21-h100-tuned-2.txt), M = 1, 1024, 4096
+    'NVIDIA H100 80GB HBM3': {
+        '2:128:a:float16:1024:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 209.719},
+        '2:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 189.616},
+        '2:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 56.388},
+        '2:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 224.295},
+        '2:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 38, 'us': 12.707},
+        '2:128:a:float16:1:4096:14336': {'path': 'gemv', 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 66, 'prefetch': False, 'us': 15.647},
+        '2:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 64, 'pdl': True, 'us': 8.929},
+        '2:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 66, 'us': 14.337},
+        '2:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 674.987},
+        '2:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 668.52},
+        '2:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 195.833},
+        '2:128:a:float16:4096:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 741.444},
+        '3:128:a:float16:1024:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 210.371},
+        '3:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 194.597},
+        '3:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 58.587},
+        '3:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 226.261},
+        '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 32, 'pdl': True, 'us': 15.412},
+        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 16.92},
+        '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 32, 'us': 9.271},
+        '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 16.917},
+        '3:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 673.664},
+        '3:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 661.728},
+        '3:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 192.072},
+        '3:128:a:float16:4096:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 754.971},
+        '4:128:a:float16:1024:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 213.785},
+        '4:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 199.972},
+        '4:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 59.214},
+        '4:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 232.616},
+        '4:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 32, 'pdl': True, 'us': 16.713},
+        '4:128:a:float16:1:4096:14336': {'path': 'gemv', 'BN': 256, 'BKS': 32, 'num_warps': 1, 'split': 66, 'prefetch': True, 'us': 20.134},
+        '4:128:a:float16:1:4096:4096': {'path': 'gemv', 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 64, 'prefetch': False, 'us': 10.307},
+        '4:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 64, 'pdl': True, 'us': 19.562},
+        '4:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 675.17},
+        '4:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 663.353},
+        '4:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 193.521},
+        '4:128:a:float16:4096:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 763.302},
+        '8:128:a:float16:1024:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 227.336},
+        '8:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 208.379},
+        '8:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 62.673},
+        '8:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 244.011},
+        '8:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 19, 'us': 25.615},
+        '8:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 27.194},
+        '8:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 32, 'us': 11.557},
+        '8:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 29.322},
+        '8:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 684.999},
+        '8:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 665.099},
+        '8:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 196.716},
+        '8:128:a:float16:4096:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 771.506},
     },
 }

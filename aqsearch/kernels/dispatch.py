@@ -5,7 +5,8 @@ The crossover between paths moves with the shape and the GPU, so the tuner measu
 
 Paths: ``gemv`` (M <= 4, CUDA cores, split-K), ``gemm`` (``tl.dot``, two K loops: ``packed`` loads
 each word once with swapped operands, the gather loop reads words per row of the tile),
-``dequant`` (dequantize to the activation dtype, whole or in L2-sized column chunks, then cuBLAS). For a key ``(bits, group, sym, dtype, M bucket, N, K, GPU)`` the
+``dequant`` (dequantize to the activation dtype, whole or in L2-sized column chunks, then cuBLAS);
+``gemm`` with ``kn`` (M >= 256): the large-M fused loop, weight words loaded once, fp16 tile. For a key ``(bits, group, sym, dtype, M bucket, N, K, GPU)`` the
 tuner times a pruned candidate list as CUDA-graph replays over rotating weight copies
 (:func:`time_config`) and caches the winner in memory and in ``$AQSEARCH_CACHE/kernels/tune-<gpu>-<triton>.json``;
 ``_tuned.py`` ships choices measured on an H200. ``AQSEARCH_AUTOTUNE=0`` turns measuring off (then
@@ -49,8 +50,27 @@ _GEMV_M1 = ((256, 1, "big", False), (256, 1, "small", True), (512, 1, "small", T
 # bandwidth busy; a one-warp program has up to one tile in flight (BKS / per_word word rows x BN x 4 B:
 # 16 KB at 4 bits, BKS 128, BN 256), so 4-8 programs an SM; split-K supplies them where N / BN is small,
 # BN 128 halves the split (a shorter split-K tail) for twice the per-row overhead.
-_GEMV_PK = ((256, 1, 128, 4), (256, 1, 128, 8), (128, 1, 128, 4), (128, 1, 128, 8), (256, 1, 64, 6),
-            (512, 2, 128, 4))
+# Issue 21's H100 run: 8 programs an SM beat 4 at every bit width, and the fp32 GEMV won w4 at 16 an
+# SM (BKS 64, split 64): 16 an SM is tried too (114-138 registers: 15-17 one-warp programs fit an SM).
+_GEMV_PK = ((256, 1, 128, 8), (256, 1, 128, 4), (128, 1, 128, 8), (256, 1, 128, 16), (256, 1, 64, 16),
+            (128, 1, 128, 16), (128, 1, 128, 4), (256, 1, 64, 6), (512, 2, 128, 4), (512, 2, 128, 8))
+# The same kernel with its K loop software-pipelined (``tl.range(num_stages=...)``: the words, scales, zeros
+# and x of the next tiles stream into shared memory by cp.async while this one is decoded). Nsight Compute
+# on the H100 (issue 21): the register-only kernel is latency-bound, 25 % occupancy (16 one-warp programs an
+# SM, register-limited), 71 % of stalls on L1TEX scoreboard, DRAM at 34-50 % at w2-w4. Pipelined, a program
+# needs several tiles, so fewer programs with longer K-slices: (BN, warps, BKS cap, programs an SM, stages);
+# shared memory (stages x one tile: w4 BN 256 BKS 128 is 16 KB) bounds the programs an SM.
+_GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4), (128, 1, 64, 8, 4),
+                   (256, 2, 128, 4, 3), (64, 1, 128, 12, 3))
+# The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
+# index into the K tiles dividing the group: 0 the smallest, -1 the largest). Dequantize-then-cuBLAS pays
+# a full fp16 weight write and read (the H100 run: 0.72-0.83x cuBLAS at M = 1024), so only a fused
+# kernel can reach 0.9x there.
+# Measured on the H100 (issue 21, M = 1024, 2/4/8 bits): BM 128 x BN 128, 4 warps, 4 stages 352-400 us and
+# BM 256 x BN 128, 8 warps, 3 stages 378-410 us against cuBLAS 162-178 us and dequantize-then-cuBLAS 210-244 us
+# (0.45x cuBLAS, the old gather loop 0.28x); the other five tiles were slower, and at 3 bits (codes gathered
+# per row) every tile but one ran out of shared memory. Kept as candidates for M >= 256 at 2/4/8 bits.
+_GEMM_KN = ((128, 128, 4, 4, 0), (256, 128, 8, 3, 0))
 
 
 def pk_bks(bits: int, group: int, cap: int) -> int:
@@ -73,10 +93,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_for(tiles: int, k: int, step: int, sms: int, per_sm: int = 2) -> int:
-    """K-slices so that tiles * slices is about ``per_sm`` programs an SM, each with >= 2 steps."""
+def _split_for(tiles: int, k: int, step: int, sms: int, per_sm: int = 2, min_steps: int = 2) -> int:
+    """K-slices so that tiles * slices is about ``per_sm`` programs an SM, each with >= ``min_steps`` steps."""
     want = max(1, round(per_sm * sms / max(1, tiles)))
-    return max(1, min(want, k // (2 * step)))
+    return max(1, min(want, k // (min_steps * step)))
 
 
 def dequant_chunk(k: int, l2_bytes: int = 50 << 20) -> int:
@@ -111,11 +131,19 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
             pk = []
             for bn, nw, cap, per_sm in _GEMV_PK:
                 bks = pk_bks(bits, g, cap)
-                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm)
+                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=1 if per_sm >= 16 else 2)
                 c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split}
                 if c not in pk:
                     pk.append(c)
-            pk += [dict(c, pdl=True) for c in pk[:2]]  # programmatic dependent launch (sm_90+; else ignored)
+            staged = []
+            for bn, nw, cap, per_sm, st in _GEMV_PK_STAGED:
+                bks = pk_bks(bits, g, cap)
+                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=3)
+                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "num_stages": st}
+                if c not in staged:
+                    staged.append(c)
+            pk += [dict(c, pdl=True) for c in pk[:4]]  # programmatic dependent launch (sm_90+; else ignored)
+            pk += staged + [dict(c, pdl=True) for c in staged[:2]]
             out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:
@@ -141,6 +169,10 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
             s = _split_for(tiles, k, pbk[0], sms) if tiles < sms else 1
             out.append({"path": "gemm", "packed": True, "BM": bm, "BN": bn, "BK": pbk[0], "num_warps": nw,
                         "num_stages": st, "split": s})
+    if m >= 256 and bits != 3:
+        for bm, bn, nw, st, bki in _GEMM_KN:
+            out.append({"path": "gemm", "kn": True, "packed": False, "BM": bm, "BN": bn, "BK": pbk[bki],
+                        "num_warps": nw, "num_stages": st, "split": 1})
     if m >= 64:
         c = dequant_chunk(k)
         for chunk in dict.fromkeys((0, c, c // 2 if c >= 512 else c)):

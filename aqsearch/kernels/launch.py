@@ -8,7 +8,8 @@ config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` the
 A config is a dict, JSON-friendly so the tuner can cache it:
 ``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}`` (``"h2": True``: the packed
 half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; otherwise, and for bf16 x, the fp32 one),
-``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``,
+``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``
+(``"kn": True`` instead of ``packed``: the large-M loop, words loaded once, fp16 tile for fp16 x),
 ``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 2048}`` (then cuBLAS; ``chunk``:
 columns dequantized at a time into one reused buffer that stays in L2, 0 for all at once).
 
@@ -153,7 +154,7 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
         EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
-        num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1), **pdl,
+        STAGES=cfg.get("num_stages", 1), num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1), **pdl,
     )
     return out
 
@@ -177,13 +178,15 @@ def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     zm, zw = zmode(zeros)
     packed = bool(cfg.get("packed", False))
-    if packed and (bk > g or g % bk or (bits == 3 and bk % 32)):
-        raise ValueError(f"the packed GEMM loop needs BK | group (and 32 | BK at 3 bits): BK={bk}, group={g}")
+    kn = bool(cfg.get("kn", False)) and not packed
+    if (packed or kn) and (bk > g or g % bk or (bits == 3 and bk % 32)):
+        raise ValueError(f"the packed and kn GEMM loops need BK | group (and 32 | BK at 3 bits): BK={bk}, group={g}")
+    f16w = kn and x.dtype == torch.float16 and zm != 1 and not dot_f32
     _gemm.gemm_kernel[(n_tiles, n_split)](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         m, n, k, n_lo, zw, x.stride(0), out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BM=bm, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 8),
-        USE_WS=n_split > 1, DOT_F32=dot_f32 or x.dtype == torch.float32, PACKED=packed,
+        USE_WS=n_split > 1, DOT_F32=dot_f32 or x.dtype == torch.float32, PACKED=packed, KN=kn, F16W=f16w,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return out

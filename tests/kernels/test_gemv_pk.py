@@ -151,6 +151,19 @@ def test_gemv_pk_masked(bits):
     check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("masked", (False, True), ids=("even", "masked"))
+def test_gemv_pk_pipelined_k_loop(bits, masked):
+    """The software-pipelined K loop (``num_stages`` 3: ``tl.range`` streams the next tiles through shared
+    memory on a GPU), several tiles a K-slice, split-K, even and masked shapes: the same sums as the plain loop."""
+    n, k = ((64, 512) if bits != 3 else (32, 512)) if not masked else (40, 458)
+    qw, s, z = make(n, k, bits, 64)
+    x = xin(1, k)
+    out = poisoned(1, n, x.dtype)
+    launch.gemv(x, qw, s, z, bits, 64, k, {"pk": True, "BN": 32, "BKS": 32, "split": 2, "num_stages": 3}, out=out)
+    check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 def test_gemv_pk_large_activations_stay_finite(bits):
     """x entries near the top of fp16 (60,000: down-projection inputs of LLMs carry massive activations):

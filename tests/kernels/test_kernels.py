@@ -163,6 +163,39 @@ def test_gemm(bits, packed, dtype):
         check(out, (x.cpu().double() @ w.double().t()).float(), 1e-2)
 
 
+@pytest.mark.parametrize("bits,dtype,zeros", [(2, torch.float16, "int"), (3, torch.float16, "int"),
+                                              (4, torch.float16, "int"), (8, torch.float16, "int"),
+                                              (4, torch.float16, "f16"), (4, torch.float16, "sym"),
+                                              (8, torch.bfloat16, "int")],
+                         ids=("2", "3", "4", "8", "4-f16zeros", "4-sym", "8-bf16"))
+def test_gemm_kn_large_m_loop(bits, dtype, zeros):
+    """The large-M loop (words loaded once, unpacked along a new axis; fp16 tile for fp16 x and integer
+    zeros): masks in M, N and K, split-K, against the fp64 oracle."""
+    n, k, m = 80, 600, 20
+    group = 64
+    qw, s, z = make(n, k, bits, group, sym=zeros == "sym", zeros="f16" if zeros == "f16" else "int")
+    x = xin(m, k, dtype)
+    out = poisoned(m, n, dtype)
+    launch.gemm(x, qw, s, z, bits, group, k, {"BM": 16, "BN": 32, "BK": 64, "split": 2, "kn": True}, out=out)
+    if dtype == torch.float16:
+        check(out, oracle(x, qw, s, z, bits, group, k), 1e-3)
+    else:
+        w = reference.dequantize(qw.cpu(), s.cpu(), z.cpu(), bits, group, k, torch.bfloat16)
+        check(out, (x.cpu().double() @ w.double().t()).float(), 1e-2)
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_gemm_kn_tile_is_the_reference_weight_to_the_bit(bits):
+    """With x = the identity rows, the fp16 tile the kn loop builds is the reference's weight exactly."""
+    n, k = 64, 128
+    group = 64
+    qw, s, z = make(n, k, bits, group)
+    x = torch.eye(k, dtype=torch.float16, device=DEVICE)[:32]
+    out = launch.gemm(x, qw, s, z, bits, group, k, {"BM": 32, "BN": 32, "BK": 64, "split": 1, "kn": True})
+    ref = reference.dequantize_kn(qw.cpu(), s.cpu(), z.cpu(), bits, group, k, torch.float16)[:32]
+    assert torch.equal(out.cpu(), ref)
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_gemm_symmetric_tile_spanning_groups(bits):
     n, k, m = 48, 300, 17
