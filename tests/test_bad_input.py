@@ -287,9 +287,12 @@ def test_read_only_cache_is_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
 def test_a_warning_is_one_line(capsys, materialized, monkeypatch):
     """``generate`` on the CPU says once that it runs the slow reference: one line (Python's default
     warning format adds the source line)."""
+    import warnings
+
     import aqsearch.kernels.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(warnings, "showwarning", warnings._showwarning_orig)  # printed, as outside pytest
     assert main(["generate", str(materialized), "--prompt", "the fox", "--max-new-tokens", "2", "--device", "cpu"]) == 0
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert any(l.startswith("aqsearch: warning: kernels: ") and "pure-torch reference" in l for l in err), err

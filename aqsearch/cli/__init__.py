@@ -53,14 +53,17 @@ EXTRAS = {"optuna": "search", "optuna_dashboard": "search", "sklearn": "search",
           "matplotlib": "search", "plotly": "search", "triton": "kernels"}
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line on stderr (Python's default adds the source line: two lines)."""
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line (Python's default format adds the source line: two lines)."""
     text = (str(message).strip().splitlines() or [category.__name__])[0]
     if text.startswith("aqsearch."):  # "aqsearch.kernels: ..." -> "aqsearch: warning: kernels: ..."
         text = text[len("aqsearch."):]
     elif not filename.startswith(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
         text = f"{category.__name__}: {text}"  # another package's warning: say what kind it is
-    print(f"aqsearch: warning: {text}", file=sys.stderr, flush=True)
+    return f"aqsearch: warning: {text}\n"
+
+
+PLOTTING = ("front", "run")  # the commands that may import matplotlib
 
 
 def _matplotlib_config() -> None:
@@ -69,11 +72,12 @@ def _matplotlib_config() -> None:
     if os.environ.get("MPLCONFIGDIR"):
         return
     d = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config"), "matplotlib")
-    probe = d
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if os.path.isdir(probe) and os.access(probe, os.W_OK):
-        return
+    try:
+        os.makedirs(d, exist_ok=True)  # what matplotlib does on import (os.access would say yes to root anywhere)
+        if os.access(d, os.W_OK):
+            return
+    except OSError:
+        pass
     from aqsearch.io import cache_dir
 
     try:
@@ -88,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     forget_new_outputs()
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
+        # the format only: where warnings are recorded (a caller's catch_warnings, pytest) they still are
+        fmt, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+        try:
             ap = build_parser()
             args = ap.parse_args(_join_dash_values(ap, list(sys.argv[1:] if argv is None else argv)))
-            _matplotlib_config()
+            if args.command in PLOTTING:
+                _matplotlib_config()
             return COMMANDS[args.command](args)
+        finally:
+            warnings.formatwarning = fmt
     except AqError as e:
         discard_empty_outputs()  # bad input leaves nothing behind: no empty --workdir, no storage without a study
         print(f"aqsearch: error: {e}", file=sys.stderr)
