@@ -72,6 +72,8 @@ def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = Fal
     path = Path(path)
     if str(path) in ("", "."):
         raise AqError(f"{flag}: an empty path")
+    if not _exists(path):
+        _new_output(path)
     if _exists(path):
         if path.is_dir() and not folder:
             raise AqError(f"{flag}: {path} is a folder, not a file")
@@ -100,6 +102,65 @@ def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = Fal
             with contextlib.suppress(OSError):
                 d.rmdir()
     return path
+
+
+# Outputs that did not exist when a command checked them: (path, its missing folders, outermost first).
+_NEW: list[tuple[Path, list[Path]]] = []
+
+
+def _new_output(path: Path) -> None:
+    missing, parent = [], path.absolute().parent
+    while not _exists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    _NEW.append((path.absolute(), missing[::-1]))
+
+
+def forget_new_outputs() -> None:
+    """Start a command with no outputs recorded (:func:`discard_empty_outputs`)."""
+    _NEW.clear()
+
+
+def discard_empty_outputs() -> list[Path]:
+    """After a command failed on bad input: remove what it created among the outputs :func:`check_output`
+    found missing, where the failure left it holding nothing (an empty folder, an empty file, a storage
+    database without a study), and the folders made for them if empty. Nothing that holds a result is
+    touched. Returns what was removed."""
+    gone = []
+    for path, missing in reversed(_NEW):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
+                gone.append(path)
+            elif path.is_file() and not path.is_symlink() and _holds_nothing(path):
+                path.unlink()
+                gone.append(path)
+        for d in reversed(missing):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+                gone.append(d)
+    _NEW.clear()
+    return gone
+
+
+def _holds_nothing(path: Path) -> bool:
+    """An empty file, or a SQLite database (an Optuna storage) that holds no study."""
+    if path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return False
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return "studies" not in tables or db.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
 
 
 @contextlib.contextmanager

@@ -218,6 +218,32 @@ def resolve_source(spec: str) -> str:
     return spec  # a hub id
 
 
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """The Hugging Face hub's address when a connection to it fails within ``timeout`` seconds (no
+    network, no DNS), else ``None``. Not probed when the hub is switched off (``HF_HUB_OFFLINE``: its
+    client fails at once itself) or a proxy is set (the proxy, not this host, reaches the hub)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXIES):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return constants.ENDPOINT
+    return None
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,10 +259,17 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
         pass  # a cached load takes seconds; its bar would only crowd stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
     src = resolve_source(spec)
+    # a hub id while the hub cannot be reached: read the local Hugging Face cache only, at once (the
+    # hub's client would retry for about a minute before giving up)
+    offline = hub_unreachable() if src == spec and not os.path.exists(spec) else None
+    kw = {"local_files_only": True} if offline else {}
     try:
-        tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
     except Exception as e:
+        if offline:
+            raise AqError(f"cannot load model {spec!r}: the Hugging Face hub ({offline}) cannot be reached and the "
+                          "model is not in the local Hugging Face cache") from None
         raise AqError(f"cannot load model {spec!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.to(device).eval()
     model.requires_grad_(False)

@@ -213,3 +213,92 @@ def test_damaged_materialized_folder_is_refused(capsys, tiny_dir, tmp_path):
     data[-64:] = bytes(64)
     (out / "model.safetensors").write_bytes(bytes(data))
     one_line_error(capsys, ["generate", str(out), "--prompt", "The"], "does not match the sha256")
+
+
+# ---- faults of the environment and of stored state (issue 19's probe) ---------------------------------
+def test_search_on_bad_input_leaves_no_storage_behind(capsys, tiny_dir, tmp_path):
+    """The storage is opened early (to refuse one that cannot be); a later refusal removes the file and
+    folder it created, since they hold no study."""
+    db = tmp_path / "new" / "s.db"
+    one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", f"sqlite:///{db}", "--study", "s",
+                            "--trials", "1", "--budget", "6bpw", "--calib-data", "/no/such/file", *DATA],
+                   "data file not found")
+    assert not (tmp_path / "new").exists()
+    one_line_error(capsys, ["search", "--model", str(tiny_dir), "--storage", f"sqlite:///{db}", "--study", "s",
+                            "--trials", "1", "--budget", "1bpw", *DATA], "below the smallest plan")
+    assert not (tmp_path / "new").exists()
+
+
+def test_run_on_a_damaged_bank_is_one_line_and_leaves_no_workdir(capsys, tiny_dir, tmp_path, monkeypatch):
+    """A bank record cut short in its storage (a full disk, an edit): one line naming the bank, and the
+    new --workdir the failed run made is not left behind empty."""
+    import sqlite3
+
+    monkeypatch.setenv("AQSEARCH_CACHE", str(tmp_path / "cache"))
+    argv = ["run", "--model", str(tiny_dir), "--strategy", "knapsack", "--budget", "6bpw", *DATA]
+    assert main([*argv, "--workdir", str(tmp_path / "w1")]) == 0
+    capsys.readouterr()
+    with sqlite3.connect(tmp_path / "cache" / "bank" / "bank.db") as db:
+        assert db.execute("UPDATE trial_user_attributes SET value_json = substr(value_json, 1, 40) "
+                          "WHERE key = 'candidates'").rowcount > 0
+    one_line_error(capsys, [*argv, "--workdir", str(tmp_path / "w2")], "not valid JSON")
+    assert not (tmp_path / "w2").exists()
+    assert (tmp_path / "w1" / "plan.json").is_file()  # what an earlier run wrote is kept
+
+
+def test_unwritable_home_is_one_line(capsys, tiny_dir, monkeypatch):
+    """HOME that cannot be written and no AQSEARCH_CACHE: one line naming the cache folder (was 45 lines)."""
+    monkeypatch.setenv("HOME", "/proc/aqsearch-home")  # no one, root included, can create it
+    monkeypatch.delenv("AQSEARCH_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "w4g32", *DATA], "cache folder")
+
+
+def test_unwritable_home_with_a_cache_plots_without_noise(study, tmp_path):
+    """HOME that cannot be written, AQSEARCH_CACHE set: ``front --plot`` works without matplotlib's two
+    lines about its config folder (it falls back to a temporary one and says so). A new process: matplotlib
+    picks its folder when first imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME")}
+    env.update(HOME="/proc/aqsearch-home", AQSEARCH_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "aqsearch", "front", "--storage", study, "--study", "s", "--plot",
+                        str(tmp_path / "f.png"), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    # (a fresh font cache may add matplotlib's "building the font cache" line: that one is not the fault)
+    assert r.returncode == 0 and "temporary cache directory" not in r.stderr and "mkdir" not in r.stderr, r.stderr
+    assert (tmp_path / "f.png").stat().st_size > 0 and json.loads(r.stdout)["points"]
+
+
+def test_read_only_cache_is_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
+    """AQSEARCH_CACHE a folder that cannot be written: one line naming it. (Root may write anywhere;
+    os.access is made to answer for it as it does for any other user.)"""
+    import os
+
+    ro = tmp_path / "ro-cache"
+    (ro / "models").mkdir(parents=True)
+    for d in (ro / "models", ro):
+        d.chmod(0o555)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **kw: False if mode & os.W_OK and str(p).startswith(str(ro))
+                        else real(p, mode, *a, **kw))
+    monkeypatch.setenv("AQSEARCH_CACHE", str(ro))
+    one_line_error(capsys, ["eval", "--model", str(tiny_dir), "--scheme", "w4g32", *DATA], "cache folder")
+
+
+def test_a_warning_is_one_line(capsys, materialized, monkeypatch):
+    """``generate`` on the CPU says once that it runs the slow reference: one line (Python's default
+    warning format adds the source line)."""
+    import sys
+    import warnings
+
+    import aqsearch.kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    # printed to stderr as outside pytest (pytest records them instead): Python's own impl, in one line
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl", lambda msg: sys.stderr.write(warnings._formatwarnmsg(msg)))
+    assert main(["generate", str(materialized), "--prompt", "the fox", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert any(l.startswith("aqsearch: warning: kernels: ") and "pure-torch reference" in l for l in err), err
+    assert all(l.startswith("aqsearch: ") for l in err), err

@@ -144,6 +144,49 @@ def test_damaged_records_are_refused(loaded, calib, tmp_path):
         fresh.get(t.user_attrs["unit"], "w4g64")
 
 
+
+def test_a_record_that_is_not_json_is_one_line(loaded, calib, tmp_path):
+    """A record cut short in the storage (a full disk, a hand edit): one line naming the bank, not the
+    JSONDecodeError that Optuna raises while it reads the trials."""
+    cfg = config(menu=("w4g64",), steps=0)
+    bank = Bank(loaded.model, loaded.fingerprint, calib, cfg, sqlite(tmp_path))
+    bank.build()
+    import sqlite3
+
+    t = unit_trials(bank)[0]
+    with sqlite3.connect(tmp_path / "bank.db") as db:
+        n = db.execute("UPDATE trial_user_attributes SET value_json = substr(value_json, 1, 40) WHERE trial_id = ? "
+                       "AND key = 'candidates'", (t._trial_id,)).rowcount
+    assert n == 1
+    with pytest.raises(AqError, match=f"bank {bank.key} in .*not valid JSON"):
+        Bank(loaded.model, loaded.fingerprint, calib, cfg, sqlite(tmp_path)).build()
+
+
+def test_a_complete_bank_in_a_read_only_storage_is_read(loaded, calib, tmp_path, monkeypatch):
+    """A finished bank needs no write: opened from a read-only file it gives its candidates (opening it
+    used to write, and ended in Optuna's StorageInternalError)."""
+    from tinymodels import read_only_sqlite
+
+    cfg = config(menu=("w4g64", "w2g64"), steps=0)
+    bank = Bank(loaded.model, loaded.fingerprint, calib, cfg, sqlite(tmp_path))
+    bank.build()
+    want = {(c.unit, c.scheme): c.error for c in bank.candidates()}
+    read_only_sqlite(tmp_path / "bank.db", monkeypatch)
+    again = Bank(loaded.model, loaded.fingerprint, calib, cfg, sqlite(tmp_path))
+    assert again.build()["candidates"] == len(want)
+    assert {(c.unit, c.scheme): c.error for c in again.candidates()} == want
+
+
+def test_an_unfinished_bank_in_a_read_only_storage_is_one_line(loaded, calib, tmp_path, monkeypatch):
+    """A bank that still needs building, in a storage that cannot be written: one line, no traceback."""
+    from tinymodels import read_only_sqlite
+
+    Bank(loaded.model, loaded.fingerprint, calib, config(menu=("w4g64",), steps=0), sqlite(tmp_path)).build()
+    read_only_sqlite(tmp_path / "bank.db", monkeypatch)
+    with pytest.raises(AqError, match="cannot be written .*readonly database.* make it writable"):
+        Bank(loaded.model, loaded.fingerprint, calib, config(menu=("w2g64",), steps=0), sqlite(tmp_path)).build()
+
+
 WORKER = textwrap.dedent("""
     import os, sys, torch
     from aqsearch.bank import Bank, BankConfig

@@ -308,6 +308,22 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_folder, tmp_path, capsys
     assert _export_cli(art, tiny_folder, "gptq", out, "--force") == 0 and not (out / "keep.txt").exists()
 
 
+
+def test_artifact_of_another_model_is_refused(tiny_folder, tmp_path, capsys):
+    """An artifact exported with ``--model`` of the same layer names but other shapes: one line, exit 2,
+    nothing written (it used to write a folder of the first model's codes in the second one's shell)."""
+    art = tmp_path / "a" / "plan.json"
+    art.parent.mkdir()
+    _artifact(tiny_folder, GPTQ_PLAN, art)
+    other = tmp_path / "other"
+    tiny_model(hidden_size=96, intermediate_size=192).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    out = tmp_path / "o" / "x"
+    _one_line_exit_2(capsys, ["export", str(art), "--format", "gptq", "--out", str(out), "--model", str(other)],
+                     "made for another model")
+    assert not out.exists()
+
+
 def test_missing_extra_says_which(tiny_folder, tmp_path, capsys, monkeypatch):
     """Without compressed-tensors the command names the extra in one line, exit 2, before any work.
     (The package is hidden from the import system: ``sys.modules[name] = None`` makes importing it fail.)"""

@@ -43,3 +43,26 @@ def test_load_folder_and_fingerprint(tiny_dir):
         a.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     assert fingerprint(a.model) != b.fingerprint
     assert not any(p.requires_grad for p in a.model.parameters())
+
+
+def test_a_hub_id_without_the_hub_is_one_quick_line(capsys, monkeypatch):
+    """A Hugging Face id while the hub cannot be reached: one line within seconds. The hub's client
+    alone retries for about a minute (56 s measured) before its error."""
+    import time
+
+    from huggingface_hub import constants
+
+    from aqsearch.cli import main
+
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    t0 = time.time()
+    rc = main(["eval", "--model", "no-such-org/no-such-model", "--scheme", "w4g64", "--eval-tokens", "64",
+               "--seqlen", "32"])
+    took = time.time() - t0
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "cannot be reached" in err and "no-such-org/no-such-model" in err
+    assert took < 15, f"{took:.0f} s before the error"

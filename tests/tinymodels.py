@@ -59,3 +59,26 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
 # `aqsearch search` / `run` on a tiny model in seconds: few windows, two polish steps, a small score study.
 TINY_FRONT = ["--eval-tokens", "64", "--seqlen", "32", "--calib-windows", "4", "--calib-seqlen", "32", "--polish-steps",
               "2", "--trials", "10"]
+
+
+def read_only_sqlite(path, monkeypatch) -> None:
+    """Make the SQLite file ``path`` read-only. ``chmod`` does it for a normal user; root ignores file
+    modes, so there SQLite is made to open this one file read-only (``mode=ro``), which is what it does
+    with a 0444 file for anyone else: reads work, every write fails with "attempt to write a readonly
+    database"."""
+    import os
+    import sqlite3
+
+    path = Path(path).resolve()
+    path.chmod(0o444)
+    if os.geteuid() != 0:
+        return
+    real = sqlite3.dbapi2.connect
+
+    def connect(database, *a, **kw):
+        if str(database) != ":memory:" and Path(str(database)).resolve() == path:
+            kw.pop("uri", None)
+            return real(f"file:{path}?mode=ro", *a, uri=True, **kw)
+        return real(database, *a, **kw)
+
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", connect)

@@ -12,6 +12,7 @@ nothing is built twice. This replaced claim files on a shared folder: hosts need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -41,15 +42,40 @@ class CandidateStore:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url, self.safe_url, self.key, self.meta, self.heartbeat = url, safe_url(url), key, meta, heartbeat
-        self.study = optuna.create_study(storage=make_storage(url, heartbeat), study_name=f"bank-{key}",
-                                         direction="minimize", load_if_exists=True)
-        held = self.study.user_attrs.get("bank")
-        if held is None:
-            self.study.set_user_attr("bank", meta)
-        elif json.loads(json.dumps(meta)) != held:
-            raise AqError(f"bank {key} in {self.safe_url} was built with other settings than these")
+        storage = make_storage(url, heartbeat)
+        name = f"bank-{key}"
+        with self._errors("open the bank"):
+            # an existing bank is loaded without a write: a complete bank in a read-only storage is read as it is
+            if name in optuna.get_all_study_names(storage):
+                self.study = optuna.load_study(study_name=name, storage=storage)
+            else:
+                self.study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
+                                                 load_if_exists=True)
+            held = self.study.user_attrs.get("bank")
+            if held is None:
+                self.study.set_user_attr("bank", meta)
+            elif json.loads(json.dumps(meta)) != held:
+                raise AqError(f"bank {key} in {self.safe_url} was built with other settings than these")
         self._cache: dict[tuple[str, str], object] = {}
         self._units_done: set[str] = set()
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str):
+        """The storage's own failures as one line: a record that is not JSON (damaged), or a storage that
+        cannot be written (a read-only file or folder) when the bank needs a write."""
+        try:
+            yield
+        except AqError:
+            raise
+        except json.JSONDecodeError as e:  # Optuna parses every stored attribute as it reads a trial
+            raise AqError(f"bank {self.key} in {self.safe_url}: a stored record is not valid JSON (damaged: {e}); "
+                          "delete the bank to rebuild it") from None
+        except Exception as e:
+            why = _write_refused(e)
+            if why is None:
+                raise
+            raise AqError(f"bank {self.key} in {self.safe_url} cannot be written ({why}) and must be, to {doing}: "
+                          "make it writable, or set AQSEARCH_CACHE to a writable folder") from None
 
     # ---- reading -----------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -58,7 +84,9 @@ class CandidateStore:
 
         from aqsearch.bank.records import Candidate
 
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        with self._errors("read the bank"):
+            trials = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for t in trials:
             unit = t.user_attrs.get("unit")
             if unit is None or unit in self._units_done or t.user_attrs.get("duplicate_of_finished"):
                 continue
@@ -91,10 +119,11 @@ class CandidateStore:
         import optuna
 
         live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-        held = {t.user_attrs.get("unit") for t in self.study.get_trials(deepcopy=False, states=live)}
-        for u in units:
-            if u not in held:
-                self.study.enqueue_trial({}, user_attrs={"unit": u})
+        with self._errors("queue the units it lacks"):
+            held = {t.user_attrs.get("unit") for t in self.study.get_trials(deepcopy=False, states=live)}
+            for u in units:
+                if u not in held:
+                    self.study.enqueue_trial({}, user_attrs={"unit": u})
 
     def work(self, build_unit, on_tick=None) -> None:
         """Take queued units until none is left, building each with ``build_unit(name) -> [records]``;
@@ -119,7 +148,21 @@ class CandidateStore:
             trial.set_user_attr("candidates", recs)
             return 0.0
 
-        drain(self.study, objective, self.heartbeat, on_tick)
+        with self._errors("record the units it builds"):
+            drain(self.study, objective, self.heartbeat, on_tick)
+
+
+def _write_refused(e: BaseException) -> str | None:
+    """The reason when ``e`` (or what caused it) is the database refusing a write, else ``None``."""
+    seen = 0
+    while e is not None and seen < 8:
+        text = str(e).lower() if type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "optuna") else ""
+        for needle in ("attempt to write a readonly database", "read-only", "readonly database",
+                       "unable to open database file", "permission denied"):
+            if needle in text:
+                return needle.replace("attempt to write a ", "")
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def log(msg: str) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
+import warnings
 
 from aqsearch.cli.common import Parser
 from aqsearch.errors import AqError
@@ -51,13 +53,57 @@ EXTRAS = {"optuna": "search", "optuna_dashboard": "search", "sklearn": "search",
           "matplotlib": "search", "plotly": "search", "triton": "kernels"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    t0 = time.time()
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line (Python's default format adds the source line: two lines)."""
+    text = (str(message).strip().splitlines() or [category.__name__])[0]
+    if text.startswith("aqsearch."):  # "aqsearch.kernels: ..." -> "aqsearch: warning: kernels: ..."
+        text = text[len("aqsearch."):]
+    elif not filename.startswith(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        text = f"{category.__name__}: {text}"  # another package's warning: say what kind it is
+    return f"aqsearch: warning: {text}\n"
+
+
+PLOTTING = ("front", "run")  # the commands that may import matplotlib
+
+
+def _matplotlib_config() -> None:
+    """Matplotlib writes a config folder (``~/.config/matplotlib``); where that cannot be written (an
+    unwritable HOME) it makes a temporary one and says so in two lines. Give it one in the cache."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    d = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config"), "matplotlib")
     try:
-        ap = build_parser()
-        args = ap.parse_args(_join_dash_values(ap, list(sys.argv[1:] if argv is None else argv)))
-        return COMMANDS[args.command](args)
+        os.makedirs(d, exist_ok=True)  # what matplotlib does on import (os.access would say yes to root anywhere)
+        if os.access(d, os.W_OK):
+            return
+    except OSError:
+        pass
+    from aqsearch.io import cache_dir
+
+    try:
+        os.environ["MPLCONFIGDIR"] = str(cache_dir("matplotlib"))
+    except AqError:
+        pass  # an unusable cache is said in one line by whatever needs it
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aqsearch.io import discard_empty_outputs, forget_new_outputs
+
+    t0 = time.time()
+    forget_new_outputs()
+    try:
+        # the format only: where warnings are recorded (a caller's catch_warnings, pytest) they still are
+        fmt, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+        try:
+            ap = build_parser()
+            args = ap.parse_args(_join_dash_values(ap, list(sys.argv[1:] if argv is None else argv)))
+            if args.command in PLOTTING:
+                _matplotlib_config()
+            return COMMANDS[args.command](args)
+        finally:
+            warnings.formatwarning = fmt
     except AqError as e:
+        discard_empty_outputs()  # bad input leaves nothing behind: no empty --workdir, no storage without a study
         print(f"aqsearch: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

@@ -17,17 +17,18 @@ def register(sub) -> dict:
 
 def cmd_export(args) -> int:
     """``aqsearch export ARTIFACT --format F --out DIR``: the library's :func:`aqsearch.export.export`."""
-    from aqsearch.artifact import read_artifact
+    from aqsearch.artifact import Artifact
     from aqsearch.export import check_format, check_loaders, export
     from aqsearch.io import check_output
-    from aqsearch.models import load_model
+    from aqsearch.models import check_plan_fits, load_model
 
     check_format(args.format)
-    plan, tensors = read_artifact(args.artifact)
+    art = Artifact.load(args.artifact)
     check_output(args.out, folder=True, force=args.force)
     check_loaders(args.format)
     loaded = load_model(args.model, device=resolve_device(args.device))
-    info = export(loaded.model, plan, tensors, args.out, args.format, loaded.tokenizer)
+    check_plan_fits(art, loaded.model)  # an artifact of another model (same layer names, other shapes): refused
+    info = export(loaded.model, art.plan, dict(art.tensors), args.out, args.format, loaded.tokenizer)
     obj = {"artifact": args.artifact, "model": args.model, **info}
     emit(args, obj, f"wrote {args.out} ({args.format}): {info['layers_quantized']}/{info['layers']} decoder Linears "
                     f"quantized, {info['bytes']:,} bytes of quantized tensors (the plan counts {info['plan_bytes']:,})")
