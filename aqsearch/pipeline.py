@@ -126,7 +126,14 @@ def _front(job, bank, work: Path, storage, name, trials, config) -> dict:
 
     storage = storage or f"sqlite:///{work.resolve() / 'study.db'}"
     name = name or "run-" + sha256_bytes(json.dumps(job.describe(), sort_keys=True).encode())[:10]
-    log(f"study {name} in {storage}")
+    from aqsearch.strategies.study import study_names
+
+    from aqsearch.storage import storage_file
+
+    f = storage_file(storage)  # a file that does not exist yet holds nothing (and is not created here)
+    held = [n for n in study_names(storage) if ":" not in n] if f is None or f.exists() else []
+    state = "resumed" if name in held else ("new; the storage also holds " + ", ".join(held) if held else "new")
+    log(f"study {name} in {storage} ({state})")
     cfg = replace(config or FrontConfig(seed=job.seed), trials=trials)
     summ = Front(job, bank, storage, name, work, cfg).run()
     point = pick(storage, name, job.limit)
