@@ -21,10 +21,8 @@ from pathlib import Path
 from aqsearch.artifact import Artifact
 from aqsearch.config import Gate, Plan
 from aqsearch.io import sha256_bytes
-from aqsearch.memory import plan_bytes
-from aqsearch.models import shapes_hash
 from aqsearch.polish import polish
-from aqsearch.quality import build_reference, evaluate
+from aqsearch.quality import evaluate
 
 STRATEGIES = ("study", "knapsack", "progressive")
 
@@ -36,45 +34,33 @@ def log(msg: str) -> None:
 def finish(job, plan: Plan, out: str | Path | None = None, meta: dict | None = None, journal=None,
            workdir: str | Path | None = None) -> tuple[Artifact, dict]:
     """Polish ``plan`` (``job.polish`` steps a block), keep the polish where it scores better than
-    round-to-nearest on the job's score windows (few windows can overfit), write the artifact to ``out``
-    and measure it on the evaluation windows, beside the best uniform scheme that fits, polished the same
-    way (in ``workdir``). Returns the artifact and a report."""
+    round-to-nearest on the job's score windows (:meth:`~aqsearch.strategies.racing.Polisher.keep`), write the
+    artifact to ``out`` and measure it on the evaluation windows, beside the best uniform scheme that fits,
+    polished the same way (in ``workdir``). Returns the artifact and a report."""
+    from aqsearch.strategies.racing import Polisher
+
     m, bs = job.loaded.model, job.batch
+    pol = Polisher(job, Path(workdir or (Path(out).parent if out else ".")) / "uniform")
     weights, pstats = polish(m, plan, job.calib, job.polish, journal=journal, desc="polishing the pick")
-    sref = build_reference(m, job.score, batch_size=bs, cache_key=job.loaded.fingerprint)
-    polished = Artifact(plan, weights)
-    kl_pol = polished.evaluate(m, sref, bs).kl_mean
-    kl_rtn = evaluate(m, sref, plan, batch_size=bs).kl_mean
-    kept = kl_pol <= kl_rtn
-    mem = plan_bytes(m, plan)
-    art = Artifact(plan, weights if kept else {}, {**(meta or {}), "bytes": mem.bytes, "bpw": mem.bpw,
-                                                  "model": job.loaded.name, "shapes": shapes_hash(m),
-                                                  "polish": {"steps": pstats["steps"], "kept": kept,
-                                                             "score_kl": {"polished": kl_pol, "rtn": kl_rtn}}})
-    if not kept:
-        log(f"the polish scored worse than round-to-nearest on the score windows (KL {kl_pol:.4g} > {kl_rtn:.4g}): "
-            "the artifact keeps round-to-nearest weights")
+    art, score_kl = pol.keep(plan, weights, pstats["steps"], pol.rtn(plan), meta)
     if out is not None:
         art.save(out)
-    ref = build_reference(m, job.evaluation, batch_size=bs, cache_key=job.loaded.fingerprint)
-    report = {"picked": art.evaluate(m, ref, bs).to_json(), "picked_before_polish": evaluate(m, ref, plan, batch_size=bs).to_json(),
-              "polish": {"steps": pstats["steps"], "seconds": pstats["seconds"], "kept": kept,
-                         "score_kl": {"polished": kl_pol, "rtn": kl_rtn}},
-              "uniform": polished_uniform(job, Path(workdir or (Path(out).parent if out else "."))),
-              "eval_data": job.evaluation.describe(), "budget_bytes": job.limit}
+    report = {"picked": art.evaluate(m, pol.eref, bs).to_json(),
+              "picked_before_polish": evaluate(m, pol.eref, plan, batch_size=bs).to_json(),
+              "polish": {"steps": pstats["steps"], "seconds": pstats["seconds"], "kept": art.meta["polish"]["kept"],
+                         "score_kl": score_kl},
+              "uniform": polished_uniform(job, pol), "eval_data": job.evaluation.describe(), "budget_bytes": job.limit}
     return art, report
 
 
-def polished_uniform(job, workdir: Path) -> dict | None:
-    """The largest uniform scheme of the menu within the budget, polished like a pick, on held-out text."""
-    from aqsearch.strategies.racing import Polisher
-
+def polished_uniform(job, pol) -> dict | None:
+    """The largest uniform scheme of the menu within the budget, polished like a pick (by the
+    :class:`~aqsearch.strategies.racing.Polisher` ``pol``), on held-out text."""
     size = {s: job.space.bytes(job.space.uniform(s)) for s in job.bank.menu}
     fits = [s for s in job.bank.menu if size[s] <= job.limit]
     if not fits:
         return None
     best = max(fits, key=size.get)
-    pol = Polisher(job, workdir / "uniform")
     plan = Plan.uniform(best)
     res = pol.full(plan, f"uniform-{best}", pol.rtn(plan))
     return {"scheme": best, **res["measurement"], "polished": True, "artifact": res["artifact"]}

@@ -121,7 +121,6 @@ def main() -> int:
     if args.stage == "hull":
         log(f"hull done in {t_hull:.0f} s: {hull_points(storage, name)}")
         return 0
-    front._refit()
     entrants = front.promoted(front.search())
     late = lambda: args.deadline_s is not None and time.time() - t0 > args.deadline_s  # noqa: E731
     trials, unraced = [], []

@@ -74,14 +74,20 @@ class Score:
     default: float = 1.0  # the weight of a group and bit width never fitted
     history: tuple = ()  # one dict a fit: n, spearman, kendall (leave-one-out), weights
 
+    def weight(self, group: str) -> float:
+        """A group's weight: fitted, else its bit width's, else the default."""
+        return self.weights.get(group, self.weights.get(group.split("/")[0], self.default))
+
     def unit_cost(self, unit: str, scheme: str, error: float) -> float:
-        g = group_of(unit, scheme, self.by)
-        w = self.weights.get(g, self.weights.get(g.split("/")[0], self.default))
-        return w * error
+        return self.weight(group_of(unit, scheme, self.by)) * error
+
+    def predict(self, feats: Mapping[str, float]) -> float:
+        """The predicted polished KL of a plan's :func:`features`."""
+        return sum(v * self.weight(g) for g, v in feats.items())
 
     def __call__(self, bank, choice: Mapping[str, str]) -> float:
         """The predicted polished KL of a choice (unit -> scheme) over ``bank``."""
-        return sum(self.unit_cost(u.name, choice[u.name], bank.get(u.name, choice[u.name]).error) for u in bank.units)
+        return self.predict(features(bank, choice, self.by))
 
     def to_json(self) -> dict:
         return {"weights": dict(self.weights), "by": self.by, "default": self.default, "history": list(self.history)}
@@ -107,26 +113,23 @@ def fit(rows: Sequence[tuple[Mapping[str, float], float]], by: str = "kind", rid
     rows = [(f, y) for f, y in rows if y > 0]
     if not rows:
         return Score(by=by, history=history)
-    w = _fit(rows, by, ridge)
-    loo = [(_predict(_fit(rows[:i] + rows[i + 1:], by, ridge), f), y) for i, (f, y) in enumerate(rows)] if len(rows) > 2 else []
+    loo = [(_fit(rows[:i] + rows[i + 1:], by, ridge).predict(f), y) for i, (f, y) in enumerate(rows)] if len(rows) > 2 else []
     rc = rank_correlation([p for p, _ in loo], [y for _, y in loo])
-    default = float(np.median([v for k, v in w.items() if "/" not in k])) if w else 1.0
-    return Score(w, by, default, tuple(history) + ({**rc, "weights": dict(w)},))
+    sc = _fit(rows, by, ridge)
+    return Score(sc.weights, by, sc.default, tuple(history) + ({**rc, "weights": dict(sc.weights)},))
 
 
-def _fit(rows, by: str, ridge: float) -> dict[str, float]:
+def _fit(rows, by: str, ridge: float) -> Score:
+    """Bit widths first, then (unless ``by="bits"``) groups shrunk toward their bit width; a bit width never
+    seen takes the median of the fitted ones."""
     bits = sorted({g.split("/")[0] for f, _ in rows for g in f})
     Xb = np.array([[sum(v for g, v in f.items() if g.split("/")[0] == b) for b in bits] for f, _ in rows])
     y = np.array([y for _, y in rows])
-    wb = dict(zip(bits, fit_weights(Xb, y)))
+    wb = {b: float(w) for b, w in zip(bits, fit_weights(Xb, y))}
+    default = float(np.median(list(wb.values())))
     if by == "bits":
-        return wb
+        return Score(wb, by, default)
     groups = sorted({g for f, _ in rows for g in f})
     X = np.array([[f.get(g, 0.0) for g in groups] for f, _ in rows])
     wg = fit_weights(X, y, np.array([wb[g.split("/")[0]] for g in groups]), ridge)
-    return {**wb, **dict(zip(groups, map(float, wg)))}
-
-
-def _predict(w: Mapping[str, float], f: Mapping[str, float]) -> float:
-    med = float(np.median([v for k, v in w.items() if "/" not in k])) if w else 1.0
-    return sum(v * w.get(g, w.get(g.split("/")[0], med)) for g, v in f.items())
+    return Score({**wb, **dict(zip(groups, map(float, wg)))}, by, default)

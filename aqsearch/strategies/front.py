@@ -102,19 +102,18 @@ class Front:
 
     def _refit(self) -> None:
         """Regressor and score refitted on every polished plan; the score's rank correlations recorded."""
+        done = self._trials((DONE,))
         self.reg = PlanRegressor()
-        rows = []
-        for t in self._trials((DONE,)):
-            a = t.user_attrs
-            self.reg.add({k: v for k, v in a["rungs"].items() if k in ("0", "1")}, t.values[0])
-            rows.append((scoring.features(self.bank, dict(t.params), self.config.by), t.values[0]))
+        for t in done:
+            self.reg.add({k: v for k, v in t.user_attrs["rungs"].items() if k in ("0", "1")}, t.values[0])
+        rows = [(scoring.features(self.bank, dict(t.params), self.config.by), t.values[0]) for t in done]
         self.score = scoring.fit(rows, self.config.by, history=self.score.history)
-        raced = [t for t in self._trials((DONE,)) if not t.user_attrs.get("hull") and "score" in t.user_attrs]
+        raced = [t for t in done if not t.user_attrs.get("hull") and "score" in t.user_attrs]
         ahead = scoring.rank_correlation([t.user_attrs["score"] for t in raced], [t.values[0] for t in raced])
-        fits = list(self.study.user_attrs.get("score_fits", []))
         last = self.score.history[-1] if self.score.history else {}
-        fits.append({"polished": len(rows), "leave_one_out": {k: last.get(k) for k in ("n", "spearman", "kendall")},
-                     "raced_score_vs_kl": ahead, "weights": last.get("weights", {})})
+        fits = list(self.study.user_attrs.get("score_fits", [])) + [
+            {"polished": len(rows), "leave_one_out": {k: last.get(k) for k in ("n", "spearman", "kendall")},
+             "raced_score_vs_kl": ahead, "weights": last.get("weights", {})}]
         self.study.set_user_attr("score_fits", fits)
         self.study.set_user_attr("score", self.score.to_json())
 
@@ -137,23 +136,21 @@ class Front:
         rungs = {"0": self.polisher.rtn(plan)}
         # rungs as intermediate values (optuna-dashboard draws them; Trial.report refuses multi-objective)
         trial.storage.set_trial_intermediate_value(trial._trial_id, 0, rungs["0"])
-        if race:
-            for r in ("0", "1"):
-                if r == "1":
-                    rungs["1"], steps = self.polisher.prefix(plan, tag)
-                    trial.storage.set_trial_intermediate_value(trial._trial_id, 1, rungs["1"])
-                pred = self.reg.predict(rungs)
-                trial.set_user_attr(f"prediction_{r}", pred)
-                why = stop_reason(pred, nbytes, self.polished())
-                if why:
-                    spent = 0 if r == "0" else steps
-                    trial.set_user_attr("rungs", rungs)
-                    trial.set_user_attr("steps", spent)
-                    trial.set_user_attr("stopped_because", f"rung {r}: {why}")
-                    trial.set_user_attr("polished", False)
-                    self.study.tell(trial, state=PRUNED)
-                    log(f"{label}: stopped at rung {r} ({why})")
-                    return self.study.trials[trial.number]
+        for r in ("0", "1") if race else ():
+            spent = 0
+            if r == "1":
+                rungs["1"], spent = self.polisher.prefix(plan, tag)
+                trial.storage.set_trial_intermediate_value(trial._trial_id, 1, rungs["1"])
+            pred = self.reg.predict(rungs)
+            trial.set_user_attr(f"prediction_{r}", pred)
+            why = stop_reason(pred, nbytes, self.polished())
+            if why:
+                for k, v in (("rungs", rungs), ("steps", spent), ("stopped_because", f"rung {r}: {why}"),
+                             ("polished", False)):
+                    trial.set_user_attr(k, v)
+                self.study.tell(trial, state=PRUNED)
+                log(f"{label}: stopped at rung {r} ({why})")
+                return trial.storage.get_trial(trial._trial_id)
         res = self.polisher.full(plan, tag, rungs["0"], measure_prefix=not race)
         m = res["measurement"]
         for k in FIELDS:
@@ -166,7 +163,7 @@ class Front:
         self.study.tell(trial, [m["kl_mean"], float(nbytes)])
         log(f"{label}: {nbytes:,} B, held-out KL {m['kl_mean']:.4f} (polished)")
         self._refit()
-        return self.study.trials[trial.number]
+        return trial.storage.get_trial(trial._trial_id)
 
     def hull(self) -> list:
         """Step 1: every uniform scheme of the hull, polished (rung 1 measured on the way: regressor points)."""
@@ -203,8 +200,7 @@ class Front:
         return [self._run(c, lab, {"score": s, "hull": False}, self.config.race) for c, lab, s in entrants]
 
     def run(self) -> dict:
-        self.hull()
-        self._refit()
+        self.hull()  # each polished plan refits the score: the search below uses the hull's fit
         entrants = self.promoted(self.search())
         self.race(entrants)
         return summary(self.storage, self.name)

@@ -121,35 +121,48 @@ class Polisher:
                        upto=self.k, desc=f"rung 1 {tag}")
         return self._score_kl(plan, w), st["steps"]
 
-    def full(self, plan, tag: str, rtn_kl: float, measure_prefix: bool = False) -> dict:
-        """The full polish (kept where it beats round-to-nearest on the score windows), its artifact and
-        held-out measurement. ``measure_prefix``: also measure rung 1 on the way (the hull's free points)."""
+    def keep(self, plan, weights, steps: int, rtn_kl: float, meta: dict | None = None):
+        """The artifact of a polish: the polished weights where they score better than round-to-nearest on
+        the score windows (few windows can overfit), else round-to-nearest. Returns (artifact, score KLs)."""
+        import sys
+
         from aqsearch.artifact import Artifact
         from aqsearch.memory import plan_bytes
         from aqsearch.models import shapes_hash
-        from aqsearch.polish import polish
 
         m = self.job.loaded.model
+        kl_pol = self._score_kl(plan, weights)
+        kept = kl_pol <= rtn_kl
+        if not kept:
+            print(f"aqsearch: the polish scored worse than round-to-nearest on the score windows (KL {kl_pol:.4g} > "
+                  f"{rtn_kl:.4g}): the artifact keeps round-to-nearest weights", file=sys.stderr, flush=True)
+        mem = plan_bytes(m, plan)
+        score_kl = {"polished": kl_pol, "rtn": rtn_kl}
+        art = Artifact(plan, weights if kept else {}, {**(meta or {}), "bytes": mem.bytes, "bpw": mem.bpw,
+                                                       "model": self.job.loaded.name, "shapes": shapes_hash(m),
+                                                       "polish": {"steps": steps, "kept": kept, "score_kl": score_kl}})
+        return art, score_kl
+
+    def full(self, plan, tag: str, rtn_kl: float, measure_prefix: bool = False) -> dict:
+        """The full polish (kept as :meth:`keep` says), its artifact and held-out measurement.
+        ``measure_prefix``: also measure rung 1 on the way (the hull's free points)."""
+        from aqsearch.polish import polish
+
         seen: dict = {}
 
         def at_block(i, w):
             if measure_prefix and i == self.k - 1:
                 seen["1"] = self._score_kl(plan, w)
 
-        w, st = polish(m, plan, self.job.calib, self.job.polish, journal=self._journal(tag), on_block=at_block,
-                       desc=f"polishing {tag}")
-        kl_pol = self._score_kl(plan, w)
-        kept = kl_pol <= rtn_kl
-        mem = plan_bytes(m, plan)
-        art = Artifact(plan, w if kept else {}, {"bytes": mem.bytes, "bpw": mem.bpw, "model": self.job.loaded.name,
-                                                 "shapes": shapes_hash(m), "label": tag,
-                                                 "polish": {"steps": st["steps"], "kept": kept,
-                                                            "score_kl": {"polished": kl_pol, "rtn": rtn_kl}}})
+        w, st = polish(self.job.loaded.model, plan, self.job.calib, self.job.polish, journal=self._journal(tag),
+                       on_block=at_block, desc=f"polishing {tag}")
+        art, score_kl = self.keep(plan, w, st["steps"], rtn_kl, {"label": tag})
         path = self.folder / f"{tag}.json"
         art.save(path)
-        meas = art.evaluate(m, self.eref, self.job.batch)
-        return {"measurement": meas.to_json(), "artifact": str(path.resolve()), "kept": kept, "steps": st["steps"],
-                "rungs": {"0": rtn_kl, **seen, "full": kl_pol}, "seconds": st["seconds"]}
+        meas = art.evaluate(self.job.loaded.model, self.eref, self.job.batch)
+        return {"measurement": meas.to_json(), "artifact": str(path.resolve()), "kept": art.meta["polish"]["kept"],
+                "steps": st["steps"], "rungs": {"0": rtn_kl, **seen, "full": score_kl["polished"]},
+                "seconds": st["seconds"]}
 
     def steps_full(self, plan) -> int:
         """Steps of a full polish of ``plan``: its blocks that quantize anything, times the polish's steps."""
