@@ -2,7 +2,9 @@
 
 :func:`fuse_llama` swaps, in place, each RMSNorm's forward for :func:`aqsearch.kernels._fused.rmsnorm`
 (one launch instead of ~7), each SiLU MLP's ``silu(gate) * up`` for one launch, and transformers'
-``apply_rotary_pos_emb`` for one launch that rotates q and k in place (instead of ~12). Where Triton
+``apply_rotary_pos_emb`` for one launch that rotates q and k in place (instead of ~12), and the "sdpa"
+attention function for one query token by :func:`aqsearch.kernels._attn.decode_attention` (GQA heads read in
+place: transformers' SDPA route copies the whole static cache to the query heads first). Where Triton
 cannot run (CPU tensors outside the interpreter), each falls back to the torch code it replaced.
 With ``matmuls=True`` it also concatenates q/k/v and gate/up (``nn.Linear`` or ``QuantLinear`` of one
 scheme, the packed layout concatenated along N) so that a layer runs 4 matmuls instead of 7: the same
@@ -20,7 +22,7 @@ import types
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aqsearch.kernels import _fused
+from aqsearch.kernels import _attn, _fused
 
 _ORIG: dict = {}
 
@@ -127,6 +129,19 @@ def _fuse_matmuls(mod, n) -> None:
             n["gate_up"] += 1
 
 
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' "sdpa" attention function, one query token in one launch where it applies."""
+    plain = not dropout and all(kwargs.get(a) is None for a in ("position_bias", "softcap", "s_aux")) \
+        and not kwargs.get("output_attentions")
+    if plain:
+        out = _attn.decode_attention(query, key, value, attention_mask,
+                                     query.shape[-1] ** -0.5 if scaling is None else scaling)
+        if out is not None:
+            return out, None
+    return _ORIG["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         is_causal=is_causal, **kwargs)
+
+
 def _is_silu_mlp(mod) -> bool:
     act = getattr(getattr(mod, "config", None), "hidden_act", None)
     return all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")) and act in ("silu", "swish")
@@ -135,6 +150,7 @@ def _is_silu_mlp(mod) -> bool:
 def fuse_llama(model, matmuls: bool = False) -> dict[str, int]:
     """Patch ``model`` (in place) and transformers' Llama rotary function; returns what was patched.
     ``matmuls``: also q/k/v and gate/up as one matmul each (not undone by :func:`unfuse_llama`)."""
+    from transformers.modeling_utils import AttentionInterface
     from transformers.models.llama import modeling_llama as ml
 
     n: collections.Counter = collections.Counter()
@@ -154,11 +170,16 @@ def fuse_llama(model, matmuls: bool = False) -> dict[str, int]:
         _ORIG["rotary"] = ml.apply_rotary_pos_emb
         ml.apply_rotary_pos_emb = _fused.rotary_qk
     n["rotary"] = 1
+    if "sdpa" not in _ORIG:
+        _ORIG["sdpa"] = AttentionInterface._global_mapping["sdpa"]
+        AttentionInterface._global_mapping["sdpa"] = _attention
+    n["attention"] = 1
     return dict(n)
 
 
 def unfuse_llama(model) -> None:
-    """Undo :func:`fuse_llama` (the model's forwards and the rotary function)."""
+    """Undo :func:`fuse_llama` (the model's forwards, the rotary and attention functions)."""
+    from transformers.modeling_utils import AttentionInterface
     from transformers.models.llama import modeling_llama as ml
 
     for mod in model.modules():
@@ -168,6 +189,8 @@ def unfuse_llama(model) -> None:
             del mod.forward
     if "rotary" in _ORIG:
         ml.apply_rotary_pos_emb = _ORIG.pop("rotary")
+    if "sdpa" in _ORIG:
+        AttentionInterface._global_mapping["sdpa"] = _ORIG.pop("sdpa")
 
 
 _NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",

@@ -60,8 +60,13 @@ _GEMV_PK = ((256, 1, 128, 8), (256, 1, 128, 4), (128, 1, 128, 8), (256, 1, 128, 
 # SM, register-limited), 71 % of stalls on L1TEX scoreboard, DRAM at 34-50 % at w2-w4. Pipelined, a program
 # needs several tiles, so fewer programs with longer K-slices: (BN, warps, BKS cap, programs an SM, stages);
 # shared memory (stages x one tile: w4 BN 256 BKS 128 is 16 KB) bounds the programs an SM.
+# Issue 21's third H100 run: staged configs won 11 of 24 M = 1 points, yet Nsight Compute shows one wave of
+# 7-8 one-warp programs an SM (11-12 % achieved occupancy, 0.38-0.47 issues a cycle a scheduler): too few
+# warps to hide the shared-memory and FMA latencies. The last five add warps an SM (BKS 64: half the shared
+# memory a stage, so 12-16 programs fit; two or four warps a program).
 _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4), (128, 1, 64, 8, 4),
-                   (256, 2, 128, 4, 3), (64, 1, 128, 12, 3))
+                   (256, 2, 128, 4, 3), (64, 1, 128, 12, 3), (128, 1, 64, 16, 3), (256, 2, 64, 12, 3),
+                   (256, 2, 128, 8, 3), (128, 1, 128, 12, 3), (512, 4, 64, 4, 3))
 # The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
 # index into the K tiles dividing the group: 0 the smallest, -1 the largest). Dequantize-then-cuBLAS pays
 # a full fp16 weight write and read (the H100 run: 0.72-0.83x cuBLAS at M = 1024), so only a fused
