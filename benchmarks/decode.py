@@ -47,6 +47,12 @@ class Decoder:
         self.model, self.batch, self.graphs = model, batch, graphs
         self.dev = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if getattr(model, "aqsearch_fused", False):  # fastpath.fuse_llama'd: the KV-cache write in one launch too
+            from aqsearch import fastpath
+
+            n = fastpath.fuse_static_cache(self.cache)
+            if n < len(self.cache.layers):
+                log(f"KV-cache write fused in {n} of {len(self.cache.layers)} layers (the others: transformers')")
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.dev)  # static inputs of the step
         self.pos = torch.zeros(1, dtype=torch.long, device=self.dev)
         self.graph = None
