@@ -9,6 +9,9 @@ cannot run (CPU tensors outside the interpreter), each falls back to the torch c
 With ``matmuls=True`` it also concatenates q/k/v and gate/up (``nn.Linear`` or ``QuantLinear`` of one
 scheme, the packed layout concatenated along N) so that a layer runs 4 matmuls instead of 7: the same
 bytes, 3 fewer launches and their fixed cost.
+:func:`fuse_static_cache` makes a transformers ``StaticCache``'s layers write k and v in one launch instead
+of 4 (:func:`aqsearch.kernels._fused.kv_write`); the caller creates the cache, so the caller patches it
+(``benchmarks/decode.py`` does where the model carries ``aqsearch_fused``, set by :func:`fuse_llama`).
 :func:`count_launches` counts what a step launches besides the matmuls: aten ops that compute
 (views, aliases and allocations left out) plus the fused Triton launches; ``tests/kernels/test_fused.py``
 holds a decode step of a tiny Llama to a fixed count with it.
@@ -174,6 +177,7 @@ def fuse_llama(model, matmuls: bool = False) -> dict[str, int]:
         _ORIG["sdpa"] = AttentionInterface._global_mapping["sdpa"]
         AttentionInterface._global_mapping["sdpa"] = _attention
     n["attention"] = 1
+    model.aqsearch_fused = True  # tells whoever creates the model's KV cache to fuse_static_cache it
     return dict(n)
 
 
@@ -191,6 +195,35 @@ def unfuse_llama(model) -> None:
         ml.apply_rotary_pos_emb = _ORIG.pop("rotary")
     if "sdpa" in _ORIG:
         AttentionInterface._global_mapping["sdpa"] = _ORIG.pop("sdpa")
+    model.__dict__.pop("aqsearch_fused", None)
+
+
+_KV_ATTRS = ("keys", "values", "cumulative_length", "is_initialized")
+
+
+def _kv_update(self, key_states, value_states, *args, **kwargs):
+    """``StaticLayer.update`` with the write in one launch, once the layer holds its tensors: the first call
+    (the lazy allocation) and tensors Triton cannot take go to transformers' own update."""
+    if not self.is_initialized or not _fused.triton_ok(key_states, value_states, self.keys, self.values):
+        return type(self).update(self, key_states, value_states, *args, **kwargs)
+    _fused.kv_write(self.keys, self.values, key_states, value_states, self.cumulative_length)
+    return self.keys, self.values
+
+
+def fuse_static_cache(cache) -> int:
+    """Patch the layers of a transformers ``StaticCache`` (in place) to write k and v with
+    :func:`aqsearch.kernels._fused.kv_write`; returns how many were patched. A layer is left to transformers
+    where its class has its own update (sliding windows) or lacks the attributes the write uses (another
+    transformers version may name them otherwise)."""
+    from transformers import cache_utils
+
+    static = getattr(cache_utils, "StaticLayer", None)
+    n = 0
+    for layer in cache.layers:
+        if static is not None and type(layer).update is static.update and all(hasattr(layer, a) for a in _KV_ATTRS):
+            layer.update = types.MethodType(_kv_update, layer)
+            n += 1
+    return n
 
 
 _NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",

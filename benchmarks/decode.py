@@ -47,6 +47,12 @@ class Decoder:
         self.model, self.batch, self.graphs = model, batch, graphs
         self.dev = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if getattr(model, "aqsearch_fused", False):  # fastpath.fuse_llama'd: the KV-cache write in one launch too
+            from aqsearch import fastpath
+
+            n = fastpath.fuse_static_cache(self.cache)
+            if n < len(self.cache.layers):
+                log(f"KV-cache write fused in {n} of {len(self.cache.layers)} layers (the others: transformers')")
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.dev)  # static inputs of the step
         self.pos = torch.zeros(1, dtype=torch.long, device=self.dev)
         self.graph = None
@@ -71,6 +77,9 @@ class Decoder:
         if not (self.graphs and self.dev.type == "cuda"):
             return
         tok0, pos0 = self.tok.clone(), self.pos.clone()
+        # each cache layer keeps its own write position (transformers 5.x): the warm-up steps advance it too
+        lens = [(ly.cumulative_length, ly.cumulative_length.clone()) for ly in getattr(self.cache, "layers", [])
+                if isinstance(getattr(ly, "cumulative_length", None), torch.Tensor)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # on the capture stream: the split-K workspace belongs to it
@@ -82,6 +91,8 @@ class Decoder:
             self._step()
         self.tok.copy_(tok0)
         self.pos.copy_(pos0)  # the cache rows written by warm-up are overwritten by the real steps
+        for t, t0 in lens:
+            t.copy_(t0)
         torch.cuda.synchronize()
 
     @torch.no_grad()

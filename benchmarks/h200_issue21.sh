@@ -14,6 +14,8 @@ L="$OUT/run.log"
   python -c "import torch,triton,transformers as t;print(torch.__version__,triton.__version__,t.__version__)"; } >"$L" 2>&1
 [ "${T_TEST:-60}" -gt 0 ] && timeout ${T_TEST:-60} python -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemv_pk.py tests/kernels/test_kernels.py \
   -k "(kn or gemv_pk) and not budget" >>"$L" 2>&1; echo "pytest rc=$?" >>"$L"
+[ "${T_TEST:-60}" -gt 0 ] && timeout ${T_TEST:-60} python -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused.py >>"$L" 2>&1
+echo "pytest fused rc=$?" >>"$L"
 AQSEARCH_DECODE_PROFILE=1 timeout $((${DEADLINE:-235} + 15)) python benchmarks/matmul.py --all --out "$OUT/r" \
   --ms ${MS:-1,1024,4096} --shapes 8192x8192,4096x14336,14336x4096,4096x4096 --m1-shapes 4096x6144,4096x28672 \
   --deadline-s ${DEADLINE:-235} --decode-s ${DECODE_S:-95} ${DECODE_SCHEMES:+--decode-schemes $DECODE_SCHEMES} \

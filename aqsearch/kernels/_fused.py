@@ -9,6 +9,8 @@ neg, cat, four muls, two adds, per tensor), the MLP's ``silu(gate) * up`` 2. Her
 - :func:`rotary_qk`: q and k rotated in place in one launch (one program per (batch, position, head) of
   q and then of k), ``x * cos + rotate_half(x) * sin`` in fp32, rounded once.
 - :func:`silu_mul`: ``silu(g)`` rounded to the dtype (as ``F.silu`` on fp16 does), times ``u``.
+- :func:`kv_write`: the static KV cache's write of k and v at its device-held length, and the length's
+  advance (transformers' ``StaticLayer.update``: 5 launches).
 
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests); anywhere else the
 torch twin runs. ``LAUNCHES`` counts the Triton launches by kernel name (the decode-step launch count
@@ -162,3 +164,67 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, blk))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
                                                            BLOCK=blk, num_warps=4)
     return out.view(g.shape)
+
+
+@triton.jit
+def _kv_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, len_ptr, H, L, R, DK, DV, MAX_LEN,
+                     sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, ck_b, ck_h, ck_l, cv_b, cv_h, cv_l,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: rows ``(b, h, l)`` of k and v (R = B*H*L) to cache position ``len + l``, then ``len += L``.
+
+    One CTA because the position is read and advanced in the same launch: programs of a grid could see the
+    advanced value, and the warps of this one are held at a barrier until all of them have read it."""
+    pos = tl.load(len_ptr)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        l = r % L
+        bh = (r // L).to(tl.int64)
+        b, h = bh // H, bh % H
+        t = pos + l
+        row = ((r < R) & (t < MAX_LEN))[:, None]  # past the cache's end nothing is written (no raise in a graph)
+        mk, mv = row & (d < DK), row & (d < DV)
+        k = tl.load(k_ptr + (b * sk_b + h * sk_h + l * sk_l)[:, None] + d, mask=mk)
+        v = tl.load(v_ptr + (b * sv_b + h * sv_h + l * sv_l)[:, None] + d, mask=mv)
+        tl.store(kc_ptr + (b * ck_b + h * ck_h + t * ck_l)[:, None] + d, k, mask=mk)
+        tl.store(vc_ptr + (b * cv_b + h * cv_h + t * cv_l)[:, None] + d, v, mask=mv)
+    tl.debug_barrier()  # every warp has read pos before it is advanced
+    tl.store(len_ptr, pos + L)
+
+
+def kv_write_torch(keys, values, k, v, length):
+    """transformers' ``StaticLayer.update`` write: k, v at ``length .. length + L - 1`` of dim 2, ``length += L``."""
+    pos = torch.arange(k.shape[-2], device=keys.device) + length
+    length.add_(k.shape[-2])
+    keys.index_copy_(2, pos, k)
+    values.index_copy_(2, pos, v)
+
+
+def _kv_write_ok(keys, values, k, v, length) -> bool:
+    """What the kernel takes; anything else goes to the twin, where ``index_copy_`` raises as transformers' would."""
+    return (k.dim() == 4 and v.shape[:3] == k.shape[:3] and keys.shape[:2] == k.shape[:2]
+            and values.shape[:2] == v.shape[:2] and keys.shape[2] == values.shape[2]
+            and keys.shape[3] == k.shape[3] and values.shape[3] == v.shape[3]
+            and k.dtype == keys.dtype and v.dtype == values.dtype  # index_copy_ refuses a mismatch too
+            and all(t.stride(-1) == 1 for t in (keys, values, k, v))
+            and length.numel() == 1 and length.dtype in (torch.int32, torch.int64)
+            and not (k.requires_grad or v.requires_grad) and triton_ok(keys, values, k, v, length))
+
+
+def kv_write(keys, values, k, v, length) -> None:
+    """The static KV cache's write in one launch instead of five (arange, + length, ``length.add_``, two
+    ``index_copy_``): k ``[B, H, L, Dk]`` and v ``[B, H, L, Dv]`` (any strides, unit along D) into
+    ``keys``/``values`` ``[B, H, max_len, D]`` at the position held by the one-element int tensor
+    ``length``, which is then advanced by L. The position is read on the device, so a CUDA graph that
+    captures the step writes each replay where the last one stopped. Rows past ``max_len`` are dropped
+    (``index_copy_`` would raise; a kernel cannot)."""
+    if not _kv_write_ok(keys, values, k, v, length):
+        return kv_write_torch(keys, values, k, v, length)
+    bsz, h, seq = k.shape[:3]
+    block_d = triton.next_power_of_2(max(k.shape[3], v.shape[3]))
+    rows = bsz * h * seq
+    with _launching("kv_write"):
+        _kv_write_kernel[(1,)](keys, values, k, v, length, h, seq, rows, k.shape[3], v.shape[3], keys.shape[2],
+                               *k.stride()[:3], *v.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+                               BLOCK_R=min(triton.next_power_of_2(rows), max(1, 4096 // block_d)),
+                               BLOCK_D=block_d, num_warps=4)

@@ -18,6 +18,9 @@ from aqsearch.kernels import _fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytest.importorskip("triton")
+# the environment decides, never the code under test: conftest turns the interpreter on without a GPU
+needs_triton = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                  reason="needs a GPU or the Triton interpreter (TRITON_INTERPRET=1) on the CPU")
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
@@ -59,6 +62,58 @@ def test_silu_mul_is_silu_times_up():
     a = torch.randn(2, 1, 300, generator=g).half().to(DEVICE)
     u = torch.randn(2, 1, 300, generator=g).half().to(DEVICE)
     torch.testing.assert_close(_fused.silu_mul(a, u), torch.nn.functional.silu(a) * u, rtol=2e-3, atol=2e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("seq", (1, 3))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
+def test_kv_write_is_index_copy(dtype, seq):
+    """k and v (``[B, H, L, D]`` views of ``[B, L, H, D]`` buffers, as attention hands them over) written into
+    the caches in one launch, twice in a row, against ``index_copy_`` at the positions they belong to. Catches
+    a position not advanced (the second write over the first) or advanced before it is read, k written to
+    the values cache, or rows of another head (the transposed strides)."""
+    g = torch.Generator().manual_seed(4)
+    b, h, max_len, d, start = 2, 3, 9, 16, 2
+    keys, values = (torch.randn(b, h, max_len, d, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    ref_k, ref_v = keys.clone(), values.clone()
+    length = torch.tensor(start, device=DEVICE)  # int64, as StaticLayer's cumulative_length
+    before = _fused.LAUNCHES["kv_write"]
+    for i in range(2):
+        k, v = (torch.randn(b, seq, h, d, generator=g).to(dtype).to(DEVICE).transpose(1, 2) for _ in range(2))
+        _fused.kv_write(keys, values, k, v, length)
+        pos = torch.arange(start + i * seq, start + (i + 1) * seq, device=DEVICE)
+        ref_k.index_copy_(2, pos, k)
+        ref_v.index_copy_(2, pos, v)
+    assert _fused.LAUNCHES["kv_write"] == before + 2  # the kernel ran, not the torch twin
+    assert length.item() == start + 2 * seq
+    assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
+@pytest.mark.parametrize("mask", ("none", "bool", "additive"))
+def test_decode_attention_is_sdpa_with_repeated_kv(dtype, mask):
+    """One query token against a ``[B, Hk, L, D]`` cache with 4 query heads a KV head, rows valid up to a
+    different length per batch row (transformers' bool mask, its additive form, or none), against SDPA on
+    KV heads repeated to the query heads (transformers' route), in fp32. Catches query head h read against
+    KV head h % Hk instead of h // groups, a mask ignored or read from the other batch row, a softmax
+    without its running maximum rescale across blocks (L spans 3 blocks), or a wrong scale."""
+    from aqsearch.kernels import _attn
+
+    g = torch.Generator().manual_seed(5)
+    b, hq, hk, length, d = 2, 8, 2, 70, 64
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype).to(DEVICE).transpose(1, 2)  # HF's [B, H, 1, D] view
+    k, v = ((3 * torch.randn(b, hk, length, d, generator=g)).to(dtype).to(DEVICE) for _ in range(2))
+    valid = (torch.arange(length)[None, :] < torch.tensor([[50], [33]])).to(DEVICE)
+    m = {"none": None, "bool": valid[:, None, None, :],
+         "additive": torch.where(valid, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]}[mask]
+    before = _fused.LAUNCHES["decode_attention"]
+    got = _attn.decode_attention(q, k, v, m, 0.17)
+    assert _fused.LAUNCHES["decode_attention"] == before + 1 and got.shape == (b, 1, hq, d)
+    want = _attn.attention_torch(q.float(), k.float(), v.float(), None if m is None else
+                                 (m if m.dtype == torch.bool else m.float()), 0.17)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
 def _tiny(layers, scheme="w4g128"):
@@ -104,21 +159,22 @@ def _step_counts(layers, fused):
 
 
 # What the fused step launches besides the matmuls (measured, tiny Llama, transformers 5.25, CPU): each
-# layer 15 = 2 RMSNorm + 1 rotary (q and k) + 1 silu*up + 2 residual adds + 1 SDPA + 2 cache writes
-# (index_copy_) + 6 of StaticCache's own bookkeeping (arange, add, add_, where, 2 scalar_tensor);
-# each step: embedding, rotary cos/sin, the mask, argmax, token and position updates.
-PER_LAYER_MAX = 15
+# layer 8 = 2 RMSNorm + 1 rotary (q and k) + 1 silu*up + 2 residual adds + 1 attention (decode_attention;
+# transformers' SDPA route was 4: the mask handling's where and 2 scalar_tensor, then SDPA, and on the GPU
+# with a mask 2 more copies of the cache to the query heads) + 1 cache write (kv_write; StaticCache's own was
+# 5: arange, add, add_, 2 index_copy_); each step: embedding, rotary cos/sin, the mask, argmax, token and
+# position updates. Stock HF modules and cache: 35 a layer.
+PER_LAYER_MAX = 8
 PER_STEP_MAX = 30
 
 
-# the environment decides, never the code under test: conftest turns the interpreter on without a GPU
-@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="needs a GPU or the Triton interpreter (TRITON_INTERPRET=1) on the CPU")
+@needs_triton
 def test_decode_step_launch_count():
-    """A decode step of a w4g128 tiny Llama with ``fuse_llama``: at most PER_LAYER_MAX launches a layer and
-    PER_STEP_MAX a step outside the matmuls, against ~35 a layer for HF's stock modules; and the same logits
-    as the stock step (fp32). Catches a fusion that is not applied (an RMSNorm, MLP or the rotary left on
-    the stock path), an extra copy or cast per layer, or a fused step that computes something else."""
+    """A decode step of a w4g128 tiny Llama with ``fuse_llama`` (and ``benchmarks/decode.py``'s cache patched
+    for it): at most PER_LAYER_MAX launches a layer and PER_STEP_MAX a step outside the matmuls, against 35 a
+    layer for HF's stock modules and cache; and the same logits as the stock step (fp32). Catches a fusion
+    that is not applied (an RMSNorm, MLP, the rotary or the cache write left on the stock path), an extra
+    copy or cast per layer, or a fused step that computes something else."""
     stock2, l_stock = _step_counts(2, False)
     fused2, l_fused = _step_counts(2, True)
     fused3, _ = _step_counts(3, True)
@@ -130,7 +186,44 @@ def test_decode_step_launch_count():
     assert per_step <= PER_STEP_MAX, (per_step, fused2)
     assert stock_layer >= per_layer + 20, (stock_layer, per_layer)
     assert fused2["triton:rmsnorm"] == 2 * 2 + 1 and fused2["triton:rotary"] == 2 and fused2["triton:silu_mul"] == 2
+    assert fused2["triton:kv_write"] == 2 and stock2["triton:kv_write"] == 0 and stock2["index_copy_"] == 4
+    assert fused2["triton:decode_attention"] == 2 and stock2["triton:decode_attention"] == 0
     torch.testing.assert_close(l_fused, l_stock, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_greedy_decode_with_fused_cache_is_stock():
+    """A greedy decode of a tiny fp32 Llama, batch 2 (one token, a chunk of 3, then 5 steps), with its
+    ``StaticCache`` patched by ``fuse_static_cache`` against the stock cache: the same tokens and logits at
+    every step, every write after the first (the lazy allocation) by the kernel. Catches a cache write at
+    the wrong position or into the wrong cache, or a length that drifts from transformers' own."""
+    from transformers import StaticCache
+
+    _, model = _tiny(2, None)
+    model.to(DEVICE)
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], device=DEVICE)
+
+    def greedy(fused):
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        if fused:
+            assert fastpath.fuse_static_cache(cache) == 2
+        run = lambda ids, pos: model(input_ids=ids, past_key_values=cache, use_cache=True,  # noqa: E731
+                                     cache_position=torch.arange(pos, pos + ids.shape[1], device=DEVICE)).logits
+        with torch.no_grad():
+            run(prompt[:, :1], 0)
+            logits = [run(prompt[:, 1:], 1)[:, -1]]
+            toks = []
+            for i in range(5):
+                toks.append(logits[-1].argmax(-1, keepdim=True))
+                logits.append(run(toks[-1], 4 + i)[:, -1])
+        return torch.cat(toks, 1), torch.stack(logits), cache.layers[0].cumulative_length.item()
+
+    before = _fused.LAUNCHES["kv_write"]
+    toks, logits, length = greedy(True)
+    assert _fused.LAUNCHES["kv_write"] == before + 2 * 6
+    want_toks, want_logits, want_length = greedy(False)
+    assert toks.tolist() == want_toks.tolist() and length == want_length == 9
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ("w3g128", "w4g64", "w8g128s", None), ids=("w3g128", "w4g64", "w8g128s", "fp32"))
