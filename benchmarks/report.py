@@ -76,26 +76,33 @@ def regressor_table() -> str:
 
 
 def kernels_rows(recs: list[dict]) -> str:
-    """The newest run's M = 1, 8, 1024, 4096 points at group 128 (every bit width), against cuBLAS fp16."""
-    runs = [r.get("run", "") for r in recs if r.get("bench", "kernels") == "kernels"]
-    if not runs:
+    """M = 1, 8, 1024, 4096 points at group 128 (every bit width) on the newest run's GPU, each from the newest
+    run that measured it, against cuBLAS fp16 in that same run."""
+    recs = [r for r in recs if r.get("bench", "kernels") == "kernels"]
+    if not recs:
         return ""
-    last = runs[-1]
-    recs = [r for r in recs if r.get("run", "") == last]
-    cub = {(r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
-    q = [r for r in recs if r["kind"] == "quant"]
-    copy = next((r["copy_gbps"] for r in recs if r["kind"] == "copy"), float("nan"))
-    machine = recs[-1]["env"]["machine"] if recs and "env" in recs[-1] else ""
-    lines = [f"Run `{last}` on {machine}: copy bandwidth {copy:,.0f} GB/s; max relative error over its "
-             f"{len(q)} points {max([r.get('max_rel_err', r['rel_err']) for r in q] or [float('nan')]):.1e}.", "",
-             "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    pick = [r for r in q if r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 and r.get("dtype", "float16") == "float16"]
-    for r in sorted(pick, key=lambda r: (r["M"], r["K"], r["N"], -r["bits"])):
-        c = cub.get((r["K"], r["N"], r["M"]))
+    machine = recs[-1].get("env", {}).get("machine", "")
+    recs = [r for r in recs if r.get("env", {}).get("machine", "") == machine]
+    cub = {(r.get("run", ""), r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
+    copy = {r.get("run", ""): r["copy_gbps"] for r in recs if r["kind"] == "copy"}
+    newest: dict = {}
+    for r in recs:  # file order: a later run's point replaces an earlier one
+        if r["kind"] == "quant" and r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 \
+                and r.get("dtype", "float16") == "float16":
+            newest[(r["K"], r["N"], r["M"], r["scheme"])] = r
+    q = list(newest.values())
+    runs = list(dict.fromkeys(r.get("run", "") for r in sorted(q, key=lambda r: r["time"])))
+    lines = [f"{machine}; runs " + ", ".join(f"`{u}` (copy bandwidth {copy.get(u, float('nan')):,.0f} GB/s)"
+                                             for u in runs)
+             + f"; max relative error over the {len(q)} points "
+             f"{max([r.get('max_rel_err', r['rel_err']) for r in q] or [float('nan')]):.1e}.", "",
+             "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err | run |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(q, key=lambda r: (r["M"], r["K"], r["N"], -r["bits"])):
+        c = cub.get((r.get("run", ""), r["K"], r["N"], r["M"]))
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['scheme']} | {r.get('path', '')} | {r['us']:.1f} | "
                      f"{r['gbps']:,.0f} | {100 * r['frac_copy']:.0f} % | {c['us'] if c else float('nan'):.1f} | "
-                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} |")
+                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} | {runs.index(r.get('run', '')) + 1} |")
     return "\n".join(lines)
 
 

@@ -129,7 +129,7 @@ def _tiny(layers, scheme="w4g128"):
             mod.weight.data = 1 + 0.3 * torch.randn(mod.weight.shape, generator=g)
     if scheme:
         materialize(model, Plan.uniform(scheme), dtype=torch.float32)
-    return decode, model
+    return decode, model.to(DEVICE)  # on a GPU the fused kernels run there (CPU tensors: the torch twins)
 
 
 def _step_counts(layers, fused):
@@ -150,7 +150,7 @@ def _step_counts(layers, fused):
             dec.pos.add_(1)
 
         with torch.no_grad():
-            dec.prefill(torch.tensor([[1, 2, 3]]))
+            dec.prefill(torch.tensor([[1, 2, 3]], device=DEVICE))
             n = fastpath.count_launches(step, model, (QuantLinear, torch.nn.Linear))
         print(f"{layers} layers, fused={fused}: {sum(n.values())} launches {dict(n)}")
     finally:
