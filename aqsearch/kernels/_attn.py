@@ -89,9 +89,10 @@ def _mask_2d(mask: torch.Tensor | None, b: int, length: int):
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor | None:
+                     scaling: float, block: int | None = None, warps: int = 8) -> torch.Tensor | None:
     """``[B, Hq, 1, D]`` queries against ``[B, Hk, L, D]`` keys and values (Hq a multiple of Hk) ->
-    ``[B, 1, Hq, D]`` (contiguous), or None where this path does not apply."""
+    ``[B, 1, Hq, D]`` (contiguous), or None where this path does not apply. ``block`` (cache rows a step)
+    and ``warps``: the launch shape (``benchmarks/decode_attn.py`` times the choices)."""
     if query.dim() != 4 or query.shape[2] != 1 or key.dim() != 4 or key.shape != value.shape:
         return None
     bsz, hq, _, d = query.shape
@@ -110,8 +111,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             query, key, value, query if m2 is None else m2, out, length, float(scaling),
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), smb, 0 if m2 is None else m2.stride(1),
-            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=64 if bd <= 128 else 32, MASK=kind,
-            num_warps=8)
+            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=block or (64 if bd <= 128 else 32),
+            MASK=kind, num_warps=warps)
     return out
 
 

@@ -116,7 +116,7 @@ def test_decode_attention_is_sdpa_with_repeated_kv(dtype, mask):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def _tiny(layers, scheme="w4g128"):
+def _tiny(layers, scheme="w4g128", device=DEVICE):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks"))
     import decode
     from aqsearch.config import Plan
@@ -129,7 +129,7 @@ def _tiny(layers, scheme="w4g128"):
             mod.weight.data = 1 + 0.3 * torch.randn(mod.weight.shape, generator=g)
     if scheme:
         materialize(model, Plan.uniform(scheme), dtype=torch.float32)
-    return decode, model.to(DEVICE)  # on a GPU the fused kernels run there (CPU tensors: the torch twins)
+    return decode, model.to(device)  # on a GPU the fused kernels run there (CPU tensors: the torch twins)
 
 
 def _step_counts(layers, fused):
@@ -236,7 +236,7 @@ def test_fused_matmuls_are_exact_and_four_a_layer(scheme):
 
     import copy
 
-    _, model = _tiny(2, scheme)
+    _, model = _tiny(2, scheme, "cpu")  # exactness of the concatenation: one device, one kernel path
     tok = torch.tensor([[5, 7, 11, 13, 17]])
     k_ref = copy.deepcopy(model.model.layers[0].self_attn.k_proj)
     size = lambda: sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))  # noqa: E731
