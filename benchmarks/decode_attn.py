@@ -39,8 +39,8 @@ def main(argv=None) -> int:
               for _ in range(a.layers)]
     mask = (torch.arange(a.length, device=dev) < a.valid)[None, None, None, :].expand(a.batch, 1, 1, -1)
     want = _attn.attention_torch(q.float(), caches[0][0].float(), caches[0][1].float(), mask, d ** -0.5)
-    variants = [("sdpa (repeat_kv)", None)] + [(f"ours BL {bl} x {w} warps", (bl, w))
-                                                for bl, w in ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (128, 8))]
+    variants = [("sdpa (repeat_kv)", None)] + [(f"split BL {bl} x {w} warps", (bl, w))
+                                                for bl, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))]
     for name, shape in variants:
         if shape is None:
             fn = lambda k, v: _attn.attention_torch(q, k, v, mask, d ** -0.5)  # noqa: E731

@@ -3,10 +3,13 @@
 transformers' SDPA path on CUDA with a mask and grouped KV heads first expands the whole static cache to
 the query heads (``repeat_kv``: two copies of ``[B, Hq, max_len, D]`` a layer, ~3 us each on an H100 at an
 8B shape), then runs a flash kernel built for long queries (~6.7 us for one). Here one program per
-(batch row, query head) reads its KV head's rows directly (the head ``h // groups``: no copy), streams
-the cache in blocks of ``BL`` positions with an online softmax in fp32 and writes the ``[B, 1, Hq, D]``
-output that transformers' attention functions return. The mask is transformers' own (bool "attend",
-or additive float), read in place.
+(batch row, query head, block of ``BL`` cache rows) reads its KV head's rows directly (the head
+``h // groups``: no copy) and leaves its block's softmax partial (max, sum, weighted values, fp32) in a
+workspace; the last program of a (row, head) to arrive merges them (flash-decoding's split over the cache,
+in the one launch) into the ``[B, 1, Hq, D]`` output that transformers' attention functions return. A
+loop over the blocks in one program per head ran 8-9 us a layer on an H100 (32 programs, each waiting on
+its loads in turn; ``benchmarks/results/decode_attn.jsonl``). The mask is transformers' own (bool
+"attend", or additive float), read in place.
 
 :func:`decode_attention` returns ``None`` where it does not apply (more than one query, CPU tensors
 outside the interpreter, another mask layout); the caller then runs the function it wraps.
@@ -22,52 +25,76 @@ from ._fused import _launching, triton_ok
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, L, scale,
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, lock_ptr, L, NS, scale,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                         GROUPS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                         MASK: tl.constexpr):
-    """Program (b, h): ``o[b, 0, h] = softmax(q k^T * scale + mask) v`` over the L cache rows of KV head
-    ``h // GROUPS``. MASK: 0 none, 1 bool (True attends), 2 additive."""
+    """Program (b, h, j): cache rows ``j * BL ..`` of KV head ``h // GROUPS`` against query head h: this block's
+    max, sum of exponentials and weighted values go to the workspace; the last block of (b, h) to arrive
+    merges the NS partials (the flash-decoding split, in one launch) into ``o[b, 0, h]``.
+    MASK: 0 none, 1 bool (True attends), 2 additive."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    j = tl.program_id(2)
     kh = h // GROUPS
     d = tl.arange(0, BD)
     dm = d < D
+    pos = j * BL + tl.arange(0, BL)
+    lm = pos < L
+    km = lm[:, None] & dm[None, :]
+    k = tl.load(k_ptr + b * sk_b + kh * sk_h + pos[:, None] * sk_l + d[None, :], mask=km, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + kh * sv_h + pos[:, None] * sv_l + d[None, :], mask=km, other=0.0)
     q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=dm, other=0.0).to(tl.float32) * scale
-    lo = tl.arange(0, BL)
-    kp = k_ptr + b * sk_b + kh * sk_h + d[None, :]
-    vp = v_ptr + b * sv_b + kh * sv_h + d[None, :]
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BD], tl.float32)
-    # software-pipelined by hand: block i + 1's rows are loaded before block i is reduced, so each step
-    # waits on one memory round trip at most once (the loop is too short for Triton's own pipeliner)
-    km = (lo < L)[:, None] & dm[None, :]
-    k = tl.load(kp + lo[:, None] * sk_l, mask=km, other=0.0)
-    v = tl.load(vp + lo[:, None] * sv_l, mask=km, other=0.0)
-    for l0 in range(0, L, BL):
-        pos = l0 + lo
-        lm = pos < L
-        nm = (pos + BL < L)[:, None] & dm[None, :]
-        k_next = tl.load(kp + (pos + BL)[:, None] * sk_l, mask=nm, other=0.0)
-        v_next = tl.load(vp + (pos + BL)[:, None] * sv_l, mask=nm, other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1)
-        if MASK == 1:
-            s = tl.where(tl.load(m_ptr + b * sm_b + pos * sm_l, mask=lm, other=0) != 0, s, float("-inf"))
-        elif MASK == 2:
-            s += tl.load(m_ptr + b * sm_b + pos * sm_l, mask=lm, other=0.0).to(tl.float32)
-        s = tl.where(lm, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing to attend: no NaN
-        p = tl.exp(s - m_use)
-        alpha = tl.exp(m_i - m_use)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
-        k = k_next
-        v = v_next
-    out = acc / tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=dm)
+    s = tl.sum(k.to(tl.float32) * q[None, :], 1)
+    if MASK == 1:
+        s = tl.where(tl.load(m_ptr + b * sm_b + pos * sm_l, mask=lm, other=0) != 0, s, float("-inf"))
+    elif MASK == 2:
+        s += tl.load(m_ptr + b * sm_b + pos * sm_l, mask=lm, other=0.0).to(tl.float32)
+    s = tl.where(lm, s, float("-inf"))
+    m_j = tl.max(s, 0)
+    p = tl.exp(s - tl.where(m_j == float("-inf"), 0.0, m_j))  # a block with nothing to attend: all zeros
+    row = (b * tl.num_programs(1) + h) * NS
+    part = ws_ptr + (row + j) * (BD + 2)
+    tl.store(part + d, tl.sum(p[:, None] * v.to(tl.float32), 0), cache_modifier=".wt")
+    tl.store(part + BD, m_j, cache_modifier=".wt")
+    tl.store(part + BD + 1, tl.sum(p, 0), cache_modifier=".wt")
+    tl.debug_barrier()  # every thread's partial is written before the counter moves
+    arrived = tl.atomic_add(lock_ptr + b * tl.num_programs(1) + h, 1)  # acq_rel, gpu scope
+    if arrived == NS - 1:
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BD], tl.float32)
+        for i in range(0, NS):
+            pi = ws_ptr + (row + i) * (BD + 2)
+            mi = tl.load(pi + BD + tl.arange(0, 1), cache_modifier=".cv")
+            m_new = tl.maximum(m_i, mi)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a_old = tl.exp(m_i - m_use)
+            a_new = tl.exp(mi - m_use)
+            acc = acc * a_old + tl.load(pi + d, cache_modifier=".cv") * a_new
+            l_i = l_i * a_old + tl.load(pi + BD + 1 + tl.arange(0, 1), cache_modifier=".cv") * a_new
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=dm)
+        tl.atomic_xchg(lock_ptr + b * tl.num_programs(1) + h, 0)  # ready for the next launch
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(device: torch.device, n_partial: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials and zeroed counters for this stream (its own: the GEMVs' split-K has another); grown
+    only outside CUDA-graph capture, and the merging program re-arms its counter."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, locks = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n_partial or locks.numel() < n_locks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("aqsearch.kernels: decode-attention workspace must grow; run once before capture")
+        ws = torch.empty(max(n_partial, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        locks = torch.zeros(max(n_locks, 0 if locks is None else locks.numel()), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, locks)
+    return ws, locks
 
 
 def _mask_2d(mask: torch.Tensor | None, b: int, length: int):
@@ -89,7 +116,7 @@ def _mask_2d(mask: torch.Tensor | None, b: int, length: int):
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float, block: int | None = None, warps: int = 8) -> torch.Tensor | None:
+                     scaling: float, block: int | None = None, warps: int = 4) -> torch.Tensor | None:
     """``[B, Hq, 1, D]`` queries against ``[B, Hk, L, D]`` keys and values (Hq a multiple of Hk) ->
     ``[B, 1, Hq, D]`` (contiguous), or None where this path does not apply. ``block`` (cache rows a step)
     and ``warps``: the launch shape (``benchmarks/decode_attn.py`` times the choices)."""
@@ -106,13 +133,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kind, m2, smb = mk
     out = torch.empty(bsz, 1, hq, d, dtype=query.dtype, device=query.device)
     bd = triton.next_power_of_2(d)
+    bl = block or (64 if bd <= 128 else 32)
+    ns = triton.cdiv(length, bl)
+    ws, locks = _workspace(query.device, bsz * hq * ns * (bd + 2), bsz * hq)
     with _launching("decode_attention"):
-        _decode_attn_kernel[(bsz, hq)](
-            query, key, value, query if m2 is None else m2, out, length, float(scaling),
+        _decode_attn_kernel[(bsz, hq, ns)](
+            query, key, value, query if m2 is None else m2, out, ws, locks, length, ns, float(scaling),
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), smb, 0 if m2 is None else m2.stride(1),
-            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=block or (64 if bd <= 128 else 32),
-            MASK=kind, num_warps=warps)
+            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=bl, MASK=kind, num_warps=warps)
     return out
 
 

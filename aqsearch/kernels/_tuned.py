@@ -2,7 +2,8 @@
 config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner's time in us.
 
 The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``); the H100
-entries from issue 21's run of 2026-12-06 (M = 1, 1024 and 4096 on the Llama-3-8B and 8192x8192 shapes).
+entries from issue 21's runs of 2026-12-06 (M = 1024 and 4096 from the second run; M = 1, with the fused
+q/k/v 4096x6144 and gate/up 4096x28672 shapes, from the fourth).
 Used before measuring; a GPU or shape not listed here is measured on first use."""
 
 TUNED: dict[str, dict[str, dict]] = {
@@ -188,16 +189,17 @@ TUNED: dict[str, dict[str, dict]] = {
         '8:128:a:float16:8:4096:4096': {'BK': 64, 'BM': 16, 'BN': 64, 'num_stages': 3, 'num_warps': 4, 'packed': False, 'path': 'gemm', 'split': 4, 'us': 18.404},
         '8:128:a:float16:8:8192:8192': {'BK': 64, 'BM': 16, 'BN': 64, 'num_stages': 3, 'num_warps': 4, 'packed': False, 'path': 'gemm', 'split': 2, 'us': 57.775},
     },
-    # H100: issue 21's run of 2026-12-06 (benchmarks/results/logs/issue21-h100-tuned-2.txt), M = 1, 1024, 4096
     'NVIDIA H100 80GB HBM3': {
         '2:128:a:float16:1024:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 209.719},
         '2:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 189.616},
         '2:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 56.388},
         '2:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 224.295},
-        '2:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 38, 'us': 12.707},
-        '2:128:a:float16:1:4096:14336': {'path': 'gemv', 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 66, 'prefetch': False, 'us': 15.647},
-        '2:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 64, 'pdl': True, 'us': 8.929},
-        '2:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 66, 'us': 14.337},
+        '2:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 38, 'us': 12.124},
+        '2:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 19, 'us': 18.65},
+        '2:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 16, 'num_stages': 4, 'us': 13.159},
+        '2:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 512, 'BKS': 64, 'num_warps': 4, 'split': 21, 'num_stages': 3, 'us': 7.773},
+        '2:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 10, 'num_stages': 3, 'us': 8.552},
+        '2:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 2, 'split': 16, 'num_stages': 3, 'us': 12.973},
         '2:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 674.987},
         '2:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 668.52},
         '2:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 195.833},
@@ -206,10 +208,12 @@ TUNED: dict[str, dict[str, dict]] = {
         '3:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 194.597},
         '3:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 58.587},
         '3:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 226.261},
-        '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 32, 'pdl': True, 'us': 15.412},
-        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 16.92},
-        '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 32, 'us': 9.271},
-        '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 16.917},
+        '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 32, 'pdl': True, 'us': 15.395},
+        '3:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 14, 'num_stages': 3, 'us': 25.874},
+        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 16.758},
+        '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'us': 7.902},
+        '3:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 9.948},
+        '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 16.737},
         '3:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 673.664},
         '3:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 661.728},
         '3:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 192.072},
@@ -218,10 +222,12 @@ TUNED: dict[str, dict[str, dict]] = {
         '4:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 199.972},
         '4:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 59.214},
         '4:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 232.616},
-        '4:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 32, 'pdl': True, 'us': 16.713},
-        '4:128:a:float16:1:4096:14336': {'path': 'gemv', 'BN': 256, 'BKS': 32, 'num_warps': 1, 'split': 66, 'prefetch': True, 'us': 20.134},
-        '4:128:a:float16:1:4096:4096': {'path': 'gemv', 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 64, 'prefetch': False, 'us': 10.307},
-        '4:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 64, 'pdl': True, 'us': 19.562},
+        '4:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 4, 'us': 16.199},
+        '4:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 14, 'num_stages': 3, 'us': 27.493},
+        '4:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 33, 'num_stages': 4, 'us': 17.077},
+        '4:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 7.931},
+        '4:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 9.661},
+        '4:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 16, 'num_stages': 4, 'us': 18.297},
         '4:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 675.17},
         '4:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 663.353},
         '4:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 193.521},
@@ -230,10 +236,12 @@ TUNED: dict[str, dict[str, dict]] = {
         '8:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 208.379},
         '8:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 62.673},
         '8:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 244.011},
-        '8:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 19, 'us': 25.615},
-        '8:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 27.194},
-        '8:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 32, 'us': 11.557},
-        '8:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 29.322},
+        '8:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 19, 'us': 24.995},
+        '8:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 1, 'split': 19, 'pdl': True, 'us': 43.981},
+        '8:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 66, 'us': 26.722},
+        '8:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 512, 'BKS': 64, 'num_warps': 4, 'split': 21, 'num_stages': 3, 'us': 10.034},
+        '8:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 13.276},
+        '8:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 28.652},
         '8:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 684.999},
         '8:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 665.099},
         '8:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 196.716},
