@@ -400,7 +400,8 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                    BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
-                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                   ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                   KW: tl.constexpr = 1):
     """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
 
     Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
@@ -411,7 +412,13 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     lets the next kernel launch at once, loads its first tile's words (they do not depend on the kernel
     before: they warm L1/L2 while that one finishes), then waits for the previous grid before it reads
     x or touches the split-K workspace and counters (which the previous kernel may still be reducing).
+
+    ``KW`` > 1 (2, 4 and 8 bits, ``num_warps = KW``, not with PDL): the tile's word rows are dealt round-robin
+    to KW warps, each with its own accumulators ``[KW, BN]``, summed across warps once at the end. The same
+    grid then keeps KW times the warps an SM busy: Nsight Compute on the H100 (issue 21) found the one-warp
+    programs issue-bound on dependency stalls (5 cycles a warp between issues, ~2 warps a scheduler).
     """
+    tl.static_assert(KW == 1 or (BITS != 3 and not PDL), "KW > 1: 2, 4 and 8 bits, without PDL")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -419,7 +426,11 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
-    a = tl.zeros([BN], dtype=tl.float32)
+    if KW == 1:
+        a = tl.zeros([BN], dtype=tl.float32)
+    else:
+        a = tl.zeros([KW, BN], dtype=tl.float32)
+        rk = tl.arange(0, KW)[:, None]  # this warp's word row within each group of KW rows
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         pf = tl.zeros([BN], dtype=tl.int32)  # the first tile's words, loaded before the wait
@@ -441,10 +452,16 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         else:
             s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
         zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
-        a0 = tl.zeros([BN], dtype=tl.int32)
-        a1 = tl.zeros([BN], dtype=tl.int32)
-        a2 = tl.zeros([BN], dtype=tl.int32)
-        a3 = tl.zeros([BN], dtype=tl.int32)
+        if KW == 1:
+            a0 = tl.zeros([BN], dtype=tl.int32)
+            a1 = tl.zeros([BN], dtype=tl.int32)
+            a2 = tl.zeros([BN], dtype=tl.int32)
+            a3 = tl.zeros([BN], dtype=tl.int32)
+        else:
+            a0 = tl.zeros([KW, BN], dtype=tl.int32)
+            a1 = tl.zeros([KW, BN], dtype=tl.int32)
+            a2 = tl.zeros([KW, BN], dtype=tl.int32)
+            a3 = tl.zeros([KW, BN], dtype=tl.int32)
         xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
         if BITS == 3:
             c0 = _cp(zi, 0, S)
@@ -476,14 +493,25 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                 cs = (_cp(zi, 0, S), _cp(zi, 4, S))
             else:
                 cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
-            wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
-            for r in tl.static_range(R):
+            if KW == 1:
+                wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
+                xk = xq
+                kx = k0
+                wrow = k0 // PW + cols * 0
+                wm = cmask
+            else:  # warp rk takes word rows rk, rk + KW, ...: its x words start PW * rk further on
+                wp = w_ptr + (k0 // PW + rk) * N + cols[None, :]
+                xk = xq + rk * (PW // 4)
+                kx = k0 + rk * PW
+                wrow = k0 // PW + rk + cols[None, :] * 0
+                wm = cmask[None, :]
+            for r in tl.static_range(R // KW):
                 if MASKED:
-                    w = tl.load(wp, mask=(cols * 0 + (k0 // PW + r) < (K + PW - 1) // PW) & cmask, other=0)
+                    w = tl.load(wp, mask=(wrow + KW * r < (K + PW - 1) // PW) & wm, other=0)
                 else:
                     w = tl.load(wp)
-                wp += N
-                xw = _xwords(x_ptr, xq, k0, PW * r, K, PW // 2, EVEN_K)
+                wp += KW * N
+                xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
                 if BITS == 8:
                     if r % 2 == 0:
                         a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)
@@ -492,6 +520,8 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                 else:
                     a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
         a += _flush(a0, a1, a2, a3, ASM) * s
+    if KW > 1:
+        a = tl.sum(a, 0)  # the warps' partial sums (fp32)
     a = a * (1 << S)  # the 2**-S folded into every d (exact)
     if USE_WS:
         tl.store(ws_ptr + pid_k * N + cols, a, mask=cmask, cache_modifier=".wt")

@@ -67,6 +67,11 @@ _GEMV_PK = ((256, 1, 128, 8), (256, 1, 128, 4), (128, 1, 128, 8), (256, 1, 128, 
 _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4), (128, 1, 64, 8, 4),
                    (256, 2, 128, 4, 3), (64, 1, 128, 12, 3), (128, 1, 64, 16, 3), (256, 2, 64, 12, 3),
                    (256, 2, 128, 8, 3), (128, 1, 128, 12, 3), (512, 4, 64, 4, 3))
+# The same kernel with a tile's word rows dealt to KW warps (``kw``; 2, 4 and 8 bits): the grid above, KW times
+# the warps (the one-warp programs issue every 5 cycles a warp, ~2 warps a scheduler: Nsight Compute, issue 21).
+# (BN, KW, BKS cap, programs an SM, stages; stages 1: the register-only loop).
+_GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (256, 4, 128, 4, 3),
+               (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1))
 # The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
 # index into the K tiles dividing the group: 0 the smallest, -1 the largest). Dequantize-then-cuBLAS pays
 # a full fp16 weight write and read (the H100 run: 0.72-0.83x cuBLAS at M = 1024), so only a fused
@@ -149,6 +154,16 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
                     staged.append(c)
             pk += [dict(c, pdl=True) for c in pk[:4]]  # programmatic dependent launch (sm_90+; else ignored)
             pk += staged + [dict(c, pdl=True) for c in staged[:2]]
+            for bn, kw, cap, per_sm, st in _GEMV_PK_KW if bits != 3 else ():
+                bks = pk_bks(bits, g, cap)
+                if (bks // (32 // bits)) % kw:
+                    continue  # a tile's word rows must deal evenly to the warps
+                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=3 if st > 1 else 1)
+                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": kw, "kw": kw, "split": split}
+                if st > 1:
+                    c["num_stages"] = st
+                if c not in pk:
+                    pk.append(c)
             out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:

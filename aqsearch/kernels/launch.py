@@ -154,7 +154,8 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
         EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
-        STAGES=cfg.get("num_stages", 1), num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1), **pdl,
+        STAGES=cfg.get("num_stages", 1), KW=cfg.get("kw", 1), num_warps=cfg.get("num_warps", 1),
+        num_stages=cfg.get("num_stages", 1), **pdl,
     )
     return out
 

@@ -165,6 +165,25 @@ def test_gemv_pk_pipelined_k_loop(bits, masked):
     check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
 
 
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("masked", (False, True), ids=("even", "masked"))
+@pytest.mark.parametrize("kw", (2, 4))
+def test_gemv_pk_k_split_across_warps(bits, masked, kw):
+    """``kw`` warps a program, each taking every kw-th word row of a tile (its own x words) and summed across
+    warps at the end, pipelined and plain, split-K, even and masked shapes: the reference's sums. Catches a
+    warp reading another warp's x words (rows and x out of step: even shapes) or the warps' sums not added.
+    (A tail word row masked for the wrong warp reads past K against x words masked to zero: a memory-safety
+    matter the values cannot show.)"""
+    n, k = (64, 512) if not masked else (40, 458)
+    qw, s, z = make(n, k, bits, 64)
+    x = xin(1, k)
+    for stages in (1, 3):
+        out = poisoned(1, n, x.dtype)
+        launch.gemv(x, qw, s, z, bits, 64, k, {"pk": True, "BN": 32, "BKS": 64, "split": 2, "num_stages": stages,
+                                                "kw": kw, "num_warps": kw}, out=out)
+        check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 def test_gemv_pk_large_activations_stay_finite(bits):
     """x entries near the top of fp16 (60,000: down-projection inputs of LLMs carry massive activations):
