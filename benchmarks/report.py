@@ -13,21 +13,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from aqsearch.bench import read_results
+from aqsearch.bench import latest as _latest, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_front import front_table  # noqa: E402  (the front table, a module of its own)
+from report_gpu import decode_attn_table, decode_table, kernels_rows, kernels_table  # noqa: E402,F401
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 RESULTS = HERE / "results"
-
-
-def _latest(records: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
-    out: dict[tuple, dict] = {}
-    for r in records:
-        out[key(r)] = r
-    return list(out.values())
 
 
 def uniform_table() -> str:
@@ -73,53 +67,6 @@ def regressor_table() -> str:
             f"| {r['curves']} | {100 * r['median_rel_error']:.1f} % | {100 * r['p90_rel_error']:.1f} % | "
             f"{100 * r['interval_80_coverage']:.0f} % | {100 * r['powerlaw_median_rel_error']:.1f} % | "
             f"{100 * r['last_seen_median_rel_error']:.1f} % |\n\nBy run length: {by}.")
-
-
-def kernels_rows(recs: list[dict]) -> str:
-    """M = 1, 8, 1024, 4096 points at group 128 (every bit width) on the newest run's GPU, each from the newest
-    run that measured it, against cuBLAS fp16 in that same run."""
-    recs = [r for r in recs if r.get("bench", "kernels") == "kernels"]
-    if not recs:
-        return ""
-    machine = recs[-1].get("env", {}).get("machine", "")
-    recs = [r for r in recs if r.get("env", {}).get("machine", "") == machine]
-    cub = {(r.get("run", ""), r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
-    copy = {r.get("run", ""): r["copy_gbps"] for r in recs if r["kind"] == "copy"}
-    newest: dict = {}
-    for r in recs:  # file order: a later run's point replaces an earlier one
-        if r["kind"] == "quant" and r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 \
-                and r.get("dtype", "float16") == "float16":
-            newest[(r["K"], r["N"], r["M"], r["scheme"])] = r
-    q = list(newest.values())
-    runs = list(dict.fromkeys(r.get("run", "") for r in sorted(q, key=lambda r: r["time"])))
-    lines = [f"{machine}; runs " + ", ".join(f"`{u}` (copy bandwidth {copy.get(u, float('nan')):,.0f} GB/s)"
-                                             for u in runs)
-             + f"; max relative error over the {len(q)} points "
-             f"{max([r.get('max_rel_err', r['rel_err']) for r in q] or [float('nan')]):.1e}.", "",
-             "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err | run |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(q, key=lambda r: (r["M"], r["K"], r["N"], -r["bits"])):
-        c = cub.get((r.get("run", ""), r["K"], r["N"], r["M"]))
-        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['scheme']} | {r.get('path', '')} | {r['us']:.1f} | "
-                     f"{r['gbps']:,.0f} | {100 * r['frac_copy']:.0f} % | {c['us'] if c else float('nan'):.1f} | "
-                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} | {runs.index(r.get('run', '')) + 1} |")
-    return "\n".join(lines)
-
-
-def kernels_table() -> str:
-    return kernels_rows(read_results(RESULTS / "kernels.jsonl"))
-
-
-def decode_table() -> str:
-    recs = _latest(read_results(RESULTS / "decode.jsonl"),
-                   lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["scheme"], r["batch"]))
-    lines = ["| machine | model | scheme | batch | CUDA graphs | fp16 tok/s | quantized tok/s | x fp16 | bytes total (fp16) |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["batch"], r["bpw"])):
-        lines.append(f"| {r['env']['machine']} | {r.get('model', 'smollm2-135m')} | {r['scheme']} | {r['batch']} | "
-                     f"{r['graphs']} | {r['base_tokens_per_s']:,.0f} | {r['quant_tokens_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f} | {r['bytes_total']:,} ({r['base_bytes_total']:,}) |")
-    return "\n".join(lines)
 
 
 def search_table() -> str:
@@ -334,6 +281,7 @@ def export_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"front": front_table, "export": export_table, "trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
+                                        "decode_attn": decode_attn_table,
                                         "compose_gap": compose_gap_table, "plan_rank": plan_rank_table,
                                         "scale": scale_table}
 

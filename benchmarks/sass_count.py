@@ -92,21 +92,23 @@ def count(bits, new, bn=256, nw=1, bks=None):
     return len(body) / weights, collections.Counter(body), regs, spills, bks
 
 
-def count_pk(bits, bks=128, bn=256, nw=1, pdl=False):
-    """The pk GEMV's asm path (``ASM=True``), as ``count``: (instr/weight, opcodes, regs, spill bytes, bks)."""
+def count_pk(bits, bks=128, bn=256, nw=1, pdl=False, kw=1):
+    """The pk GEMV's asm path (``ASM=True``), as ``count``: (instr/weight, opcodes, regs, spill bytes, bks).
+    ``kw`` > 1: a tile's word rows dealt to kw warps (``nw`` = kw), weights counted per thread."""
     s = _gemv_pk.shift_for(bits, bks)
     a0, a1 = launch._pk_asm(bits, s)
+    nw = max(nw, kw)
     consts = {"BITS": bits, "GROUP": 128, "ZMODE": 2, "BN": bn, "BKS": bks, "USE_WS": True, "EVEN_K": True,
-              "EVEN_N": True, "S": s, "ASM": True, "ASM0": a0, "ASM1": a1, "PDL": pdl, "STAGES": 1, "KW": 1}
+              "EVEN_N": True, "S": s, "ASM": True, "ASM0": a0, "ASM1": a1, "PDL": pdl, "STAGES": 1, "KW": kw}
     text, regs, spills = sass(_gemv_pk.gemv_pk_kernel, PK_SIG, consts, nw)
     body = loop_body(text)
     return len(body) / (bks * bn // (32 * nw)), collections.Counter(body), regs, spills, bks
 
 
-def _row(bits, name, bks, per, ops, regs, spills, bn=256):
-    w = bks * bn // 32
+def _row(bits, name, bks, per, ops, regs, spills, bn=256, nw=1):
+    w = bks * bn // (32 * nw)
     top = ", ".join(f"{o} {n / w:.2f}" for o, n in ops.most_common(6))
-    return (f"| w{bits} | {name} | {bn} x {bks}, 1 | {per:.2f} | {regs}{f' +{spills} spill' if spills else ''} "
+    return (f"| w{bits} | {name} | {bn} x {bks}, {nw} | {per:.2f} | {regs}{f' +{spills} spill' if spills else ''} "
             f"| {top} |")
 
 
@@ -118,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--pk", action="store_true", help="the pk kernel only")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--bks", default="64,128", help="pk tile K sizes")
+    ap.add_argument("--kw", type=int, default=1, help="pk: warps a tile's word rows are dealt to (2, 4 and 8 bits)")
     ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table")
     ap.add_argument("--record", default=None, metavar="JSONL",
                     help="also append each row to this results file (e.g. benchmarks/results/sass.jsonl)")
@@ -135,11 +138,14 @@ def main(argv=None):
                 per, ops, regs, spills, bks = count(bits, new)
                 rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills))
         for bks in (int(b) for b in args.bks.split(",")):
-            per, ops, regs, spills, _ = count_pk(bits, bks)
-            rows.append(("f16x2 asm (pk)", bks, per, ops, regs, spills))
+            if args.kw > 1 and (bits == 3 or (bks // (32 // bits)) % args.kw):
+                continue
+            per, ops, regs, spills, _ = count_pk(bits, bks, kw=args.kw)
+            rows.append((f"f16x2 asm (pk{f', kw {args.kw}' if args.kw > 1 else ''})", bks, per, ops, regs, spills))
         for name, bks, per, ops, regs, spills in rows:
-            w = bks * 256 // 32
-            row = {"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": 1, "target": "sm_90",
+            nw = args.kw if "kw" in name else 1
+            w = bks * 256 // (32 * nw)
+            row = {"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": nw, "target": "sm_90",
                    "triton": triton.__version__, "instr_per_weight": round(per, 3),
                    "regs": int(regs) if str(regs).isdigit() else regs, "spill_bytes": spills,
                    "ops": {o: round(n / w, 3) for o, n in ops.most_common()}}
@@ -150,7 +156,7 @@ def main(argv=None):
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
-                print(_row(bits, name, bks, per, ops, regs, spills), flush=True)
+                print(_row(bits, name, bks, per, ops, regs, spills, nw=nw), flush=True)
 
 
 if __name__ == "__main__":

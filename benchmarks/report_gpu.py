@@ -1,0 +1,77 @@
+"""The README's GPU tables (``benchmarks/report.py`` renders them): kernels, decode, decode attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aqsearch.bench import latest as _latest, read_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def kernels_rows(recs: list[dict]) -> str:
+    """M = 1, 8, 1024, 4096 points at group 128 (every bit width) on the newest run's GPU, each from the newest
+    run that measured it, against cuBLAS fp16 in that same run."""
+    recs = [r for r in recs if r.get("bench", "kernels") == "kernels"]
+    if not recs:
+        return ""
+    machine = recs[-1].get("env", {}).get("machine", "")
+    recs = [r for r in recs if r.get("env", {}).get("machine", "") == machine]
+    cub = {(r.get("run", ""), r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
+    copy = {r.get("run", ""): r["copy_gbps"] for r in recs if r["kind"] == "copy"}
+    newest: dict = {}
+    for r in recs:  # file order: a later run's point replaces an earlier one
+        if r["kind"] == "quant" and r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 \
+                and r.get("dtype", "float16") == "float16":
+            newest[(r["K"], r["N"], r["M"], r["scheme"])] = r
+    q = list(newest.values())
+    runs = list(dict.fromkeys(r.get("run", "") for r in sorted(q, key=lambda r: r["time"])))
+    lines = [f"{machine}; runs " + ", ".join(f"`{u}` (copy bandwidth {copy.get(u, float('nan')):,.0f} GB/s)"
+                                             for u in runs)
+             + f"; max relative error over the {len(q)} points "
+             f"{max([r.get('max_rel_err', r['rel_err']) for r in q] or [float('nan')]):.1e}.", "",
+             "| K x N | M | scheme | path | us | GB/s | % of copy | cuBLAS fp16 us | x cuBLAS | rel. err | run |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(q, key=lambda r: (r["M"], r["K"], r["N"], -r["bits"])):
+        c = cub.get((r.get("run", ""), r["K"], r["N"], r["M"]))
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['scheme']} | {r.get('path', '')} | {r['us']:.1f} | "
+                     f"{r['gbps']:,.0f} | {100 * r['frac_copy']:.0f} % | {c['us'] if c else float('nan'):.1f} | "
+                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} | {runs.index(r.get('run', '')) + 1} |")
+    return "\n".join(lines)
+
+
+def kernels_table() -> str:
+    return kernels_rows(read_results(RESULTS / "kernels.jsonl"))
+
+
+def decode_table() -> str:
+    """benchmarks/decode.py: tokens/s against fp16 through the same fused path, and against transformers' stock
+    modules where the record has them."""
+    recs = _latest(read_results(RESULTS / "decode.jsonl"),
+                   lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["scheme"], r["batch"]))
+    lines = ["| machine | model | scheme | batch | CUDA graphs | fp16 stock tok/s | fp16 tok/s | quantized tok/s | "
+             "x fp16 | x fp16 stock | launches besides matmuls (fp16) | bytes total (fp16) | run |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(recs, key=lambda r: (r["env"]["machine"], r.get("model", "smollm2-135m"), r["batch"], r["bpw"])):
+        stock, quant = r.get("base_stock_tokens_per_s"), r["quant_tokens_per_s"]
+        stock_s = "" if stock is None else f"{stock:,.0f}"
+        x_stock = "" if stock is None else f"{quant / stock:.2f}"
+        n = r.get("quant_launches_per_step")
+        launches = "" if n is None else f"{n} ({r.get('base_launches_per_step')})"
+        lines.append(f"| {r['env']['machine']} | {r.get('model', 'smollm2-135m')} | {r['scheme']} | {r['batch']} | "
+                     f"{r['graphs']} | {stock_s} | {r['base_tokens_per_s']:,.0f} | {quant:,.0f} | {r['speedup']:.2f} | "
+                     f"{x_stock} | {launches} | {r['bytes_total']:,} ({r['base_bytes_total']:,}) | {r.get('run', '')} |")
+    return "\n".join(lines)
+
+
+def decode_attn_table() -> str:
+    """benchmarks/decode_attn.py: one layer's decode attention at the 8B shape, each variant's newest record."""
+    recs = _latest(read_results(RESULTS / "decode_attn.jsonl"),
+                   lambda r: (r["env"]["machine"], r["settings"]["batch"], r["variant"]))
+    lines = ["| machine | batch | cache rows (valid) | variant | us a layer | rel. err | run |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for r in recs:
+        s = r["settings"]
+        lines.append(f"| {r['env']['machine']} | {s['batch']} | {s['length']} ({s['valid']}) | {r['variant']} | "
+                     f"{r['us']:.2f} | {r['rel_err']:.1e} | {r['run']} |")
+    return "\n".join(lines)
