@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._fused import _launching, triton_ok
+from .launch import _workspace
 
 
 @triton.jit
@@ -79,24 +80,6 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, lock_ptr, L, 
         tl.atomic_xchg(lock_ptr + b * tl.num_programs(1) + h, 0)  # ready for the next launch
 
 
-_WORKSPACE: dict = {}
-
-
-def _workspace(device: torch.device, n_partial: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partials and zeroed counters for this stream (its own: the GEMVs' split-K has another); grown
-    only outside CUDA-graph capture, and the merging program re-arms its counter."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, locks = _WORKSPACE.get(key, (None, None))
-    if ws is None or ws.numel() < n_partial or locks.numel() < n_locks:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("aqsearch.kernels: decode-attention workspace must grow; run once before capture")
-        ws = torch.empty(max(n_partial, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        locks = torch.zeros(max(n_locks, 0 if locks is None else locks.numel()), dtype=torch.int32, device=device)
-        _WORKSPACE[key] = (ws, locks)
-    return ws, locks
-
-
 def _mask_2d(mask: torch.Tensor | None, b: int, length: int):
     """``(kind, tensor [B or 1, L] view, batch stride)`` of a ``[B, 1, 1, L]`` mask, or None for another layout."""
     if mask is None:
@@ -124,8 +107,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return None
     bsz, hq, _, d = query.shape
     hk, length = key.shape[1], key.shape[2]
-    if hq % hk or key.shape[0] != bsz or key.shape[3] != d or query.stride(-1) != 1 or key.stride(-1) != 1 \
-            or value.stride(-1) != 1 or not (query.dtype == key.dtype == value.dtype) or not triton_ok(query, key, value):
+    unit = query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+    if hq % hk or key.shape[0] != bsz or key.shape[3] != d or not unit \
+            or not (query.dtype == key.dtype == value.dtype) or not triton_ok(query, key, value):
         return None
     mk = _mask_2d(mask, bsz, length)
     if mk is None:
@@ -135,7 +119,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     bd = triton.next_power_of_2(d)
     bl = block or (64 if bd <= 128 else 32)
     ns = triton.cdiv(length, bl)
-    ws, locks = _workspace(query.device, bsz * hq * ns * (bd + 2), bsz * hq)
+    ws, locks = _workspace(query.device, bsz * hq * ns * (bd + 2), bsz * hq, pool="decode_attention")
     with _launching("decode_attention"):
         _decode_attn_kernel[(bsz, hq, ns)](
             query, key, value, query if m2 is None else m2, out, ws, locks, length, ns, float(scaling),

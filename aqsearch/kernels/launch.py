@@ -43,18 +43,20 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _workspace(device: torch.device, n_partial: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 scratch of >= ``n_partial`` elements and >= ``n_locks`` zeroed counters for this stream.
+def _workspace(device: torch.device, n_partial: int, n_locks: int,
+               pool: str = "splitk") -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scratch of >= ``n_partial`` elements and >= ``n_locks`` zeroed counters for this stream and
+    ``pool`` (one a kernel family: the GEMVs' split-K, the decode attention's partials).
 
     The kernel's last K-slice resets its counter, so counters stay zero between launches. Grown
     only outside CUDA-graph capture (warm up once before capturing).
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = (str(device), stream, pool)
     ws, locks = _WORKSPACE.get(key, (None, None))
     if ws is None or ws.numel() < n_partial or locks.numel() < n_locks:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("aqsearch.kernels: split-K workspace must grow; run once before CUDA-graph capture")
+            raise RuntimeError(f"aqsearch.kernels: {pool} workspace must grow; run once before CUDA-graph capture")
         n_partial = max(n_partial, 0 if ws is None else ws.numel(), 1)
         n_locks = max(n_locks, 0 if locks is None else locks.numel(), 1)
         ws = torch.empty(n_partial, dtype=torch.float32, device=device)
