@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ptx_emu
-from aqsearch.kernels import _gemv_pk, packing, reference
+from aqsearch.kernels import _gemv_pk, _pk_words, packing, reference
 
 pytest.importorskip("triton", reason="triton is not installed")
 from aqsearch.kernels import launch  # noqa: E402 (a broken module fails here; it never skips)
@@ -117,7 +117,7 @@ def test_flush_asm_matches_its_model():
     accumulator left out or a lane dropped."""
     rng = np.random.default_rng(0)
     lanes = [tuple(rng.standard_normal(64).astype(np.float16) for _ in range(2)) for _ in range(4)]
-    got = ptx_emu.run(_gemv_pk.FLUSH_ASM.value, [_pack_lanes(lo, hi) for lo, hi in lanes], 1)[0]
+    got = ptx_emu.run(_pk_words.FLUSH_ASM.value, [_pack_lanes(lo, hi) for lo, hi in lanes], 1)[0]
     f = lambda a, b: (a.astype(np.float64) + b).astype(np.float16)  # noqa: E731
     t = [f(f(lanes[0][i], lanes[1][i]), f(lanes[2][i], lanes[3][i])) for i in range(2)]
     assert np.array_equal(got.view(np.float32), t[0].astype(np.float32) + t[1].astype(np.float32))
