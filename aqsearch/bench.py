@@ -53,13 +53,13 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-
 def latest(records: list[dict[str, Any]], key) -> list[dict[str, Any]]:
     """The last record of each ``key(record)``, in the order the keys first appear."""
     out: dict = {}
     for r in records:
         out[key(r)] = r
     return list(out.values())
+
 
 def wikitext_setup(model: str, data_dir: str | os.PathLike, small: bool, steps: int | None = None,
                    polish_steps: int | None = None):

@@ -269,11 +269,13 @@ def summary(rows: list[dict], decode_path: str | None = None) -> str:
 
 
 def tables(path: str) -> str:
-    """Markdown table of the newest run in a results file (what ``benchmarks/report.py`` prints)."""
+    """Markdown table of a results file's points (what ``benchmarks/report.py`` prints)."""
     sys.path.insert(0, HERE)
-    from report import kernels_rows
+    from report_gpu import kernels_rows
 
-    return kernels_rows([json.loads(line) for line in open(path) if line.strip()])
+    from aqsearch.bench import read_results
+
+    return kernels_rows(read_results(path))
 
 
 def main(argv=None) -> int:

@@ -53,16 +53,9 @@ def kernel_us(calls, replays: int = 10) -> tuple[float, dict]:
     """Mean kernel time a call inside graph replays, and {kernel name: (launches a call, us a call)}."""
     from torch.profiler import ProfilerActivity, profile
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for c in calls:
-            c()
+    from aqsearch.kernels.dispatch import capture
+
+    g = capture(calls)
     g.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -17,7 +17,7 @@ from aqsearch.bench import latest as _latest, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_front import front_table  # noqa: E402  (the front table, a module of its own)
-from report_gpu import decode_attn_table, decode_table, kernels_rows, kernels_table  # noqa: E402,F401
+from report_gpu import decode_attn_table, decode_table, kernels_table  # noqa: E402  (the GPU tables)
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"

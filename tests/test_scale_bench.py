@@ -1,10 +1,12 @@
-"""benchmarks/scale.py (issue 22): its end-to-end arithmetic, and its block offload, on a tiny shape on the CPU.
+"""benchmarks/scale.py (issue 22; ``scale_estimate.py``, ``scale_shape.py``): its end-to-end arithmetic, and its
+block offload, on a tiny shape on the CPU.
 
 On the CPU the offload's "device" copy of a block is told apart from the host copy by its dtype (host bf16,
 device fp32), which is what the script's ``Watch`` counts: the most block-parameter bytes resident at once."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 try:
     import scale
+    import scale_estimate
+    import scale_shape
 finally:
     sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -30,9 +34,9 @@ def test_estimate_is_the_hand_computation():
     instead of whole blocks per worker (30 blocks on 4 workers is 8 rounds, not 7.5), the race's stopped
     candidates charged in full (or not at all), the polish's fidelity or step fraction ignored, storage round
     trips charged on one host, and the final evaluation not scaled by its windows."""
-    p = scale.Pipeline(trials=200, race_stop_fraction=0.5, race_plans=6, race_fidelity=0.2, top_plans=5, hull=8,
+    p = scale_estimate.Pipeline(trials=200, race_stop_fraction=0.5, race_plans=6, race_fidelity=0.2, top_plans=5, hull=8,
                        polish_step_fraction=0.5, final_eval_windows=16, rdb_op_s=0.25, rdb_ops_per_item=2)
-    r = scale.estimate(COSTS, p, hosts=1, gpus=4)
+    r = scale_estimate.estimate(COSTS, p, hosts=1, gpus=4)
     menu = (5 + 0.5 * 15) + (6 + 0.5 * 24)  # a candidate the race stops costs its prefix only
     assert r["bank_s"] == pytest.approx(3 + 30 * 2 + 8 * menu)
     assert r["study_s"] == pytest.approx(7 + 50 * 4)
@@ -45,11 +49,11 @@ def test_estimate_is_the_hand_computation():
     assert r["racing_saved_s"] == pytest.approx(8 * (0.5 * 15 + 0.5 * 24) + 2 * (polish_full - polish_low))
     assert r["dominant"] == "polish"
 
-    r2 = scale.estimate(COSTS, p, hosts=2, gpus=4)  # 8 workers, each item pays 2 round trips of 0.25 s
+    r2 = scale_estimate.estimate(COSTS, p, hosts=2, gpus=4)  # 8 workers, each item pays 2 round trips of 0.25 s
     assert r2["bank_s"] == pytest.approx(3 + 30 * 2 + 4 * (menu + 2 * 0.5))
     assert r2["study_s"] == pytest.approx(7 + 25 * (4 + 0.5))
     assert r2["polish_s"] == pytest.approx(2 * (polish_full + 8))
-    scored = scale.estimate(COSTS, scale.Pipeline(trial_mode="score"), hosts=2, gpus=4)
+    scored = scale_estimate.estimate(COSTS, scale_estimate.Pipeline(trial_mode="score"), hosts=2, gpus=4)
     assert scored["study_s"] == pytest.approx(200 * 1e-5)  # one process scores from the bank: no storage traffic
 
 
@@ -58,12 +62,12 @@ def test_verdict_names_the_dominant_stage_and_how_much_of_it_must_go():
     calls a pipeline over the hour "within"."""
     row = {"bank_s": 1000.0, "study_s": 200.0, "race_s": 400.0, "polish_s": 3000.0, "total_s": 4600.0,
            "dominant": "polish"}
-    v = scale.verdict(row, 3600.0)
+    v = scale_estimate.verdict(row, 3600.0)
     assert not v["within"] and v["dominant"] == "polish" and v["over_s"] == pytest.approx(1000.0)
     assert v["dominant_must_lose"] == pytest.approx(1000 / 3000)
     assert v["dominant_speedup_needed"] == pytest.approx(3000 / 2000)
-    assert scale.verdict(dict(row, total_s=3500.0), 3600.0)["within"]
-    big = scale.verdict(dict(row, total_s=7000.0), 3600.0)
+    assert scale_estimate.verdict(dict(row, total_s=3500.0), 3600.0)["within"]
+    big = scale_estimate.verdict(dict(row, total_s=7000.0), 3600.0)
     assert big["dominant_must_lose"] > 1 and big["dominant_speedup_needed"] is None
 
 
@@ -87,7 +91,7 @@ def test_a_run_records_every_stage_and_its_estimate_is_recomputable(run):
     from other numbers than those recorded."""
     assert set(run) == {"build", "stream", "bank", "study", "polish", "estimate"}
     e = run["estimate"]
-    assert e["estimate"]["today"]["rows"][1] == scale.estimate(e["costs"], scale.VARIANTS["today"], 1, 4)
+    assert e["estimate"]["today"]["rows"][1] == scale_estimate.estimate(e["costs"], scale_estimate.VARIANTS["today"], 1, 4)
     for s, x in run["bank"]["schemes"].items():
         rest = 5 - x["prefix_steps"] - x["extra_steps"]
         extrap = x["prefix_s"] + x["extra_s"] * (1 + rest / x["extra_steps"]) + x["finish_s"]  # prefix_s: init + prefix
@@ -121,11 +125,11 @@ def test_offload_keeps_one_block_resident_and_the_watch_sees_a_leak(run, monkeyp
             yield i, blk
 
     monkeypatch.setattr(aqsearch.capture, "blocks_on", leaky)
-    args = scale.argparse.Namespace(small=True, blocks=2, windows=4, seqlen=16, steps=5, batch=8, extra_steps=1,
+    args = argparse.Namespace(small=True, blocks=2, windows=4, seqlen=16, steps=5, batch=8, extra_steps=1,
                                     eval_windows=1, eval_seqlen=16, polish_blocks=1, polish_steps=5,
                                     menu=("w4g64",), validate="w4g64", device_bytes=1 << 30, reserve_s=0.0,
                                     deadline=math.inf, run="t", out="/dev/null")
-    sh = scale.Shape(args, "smollm2")
+    sh = scale_shape.Shape(args, "smollm2")
     sh.write = lambda stage, rec: None
     sh.build()
     sh.study()

@@ -54,13 +54,14 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, lock_ptr, L, 
     s = tl.where(lm, s, float("-inf"))
     m_j = tl.max(s, 0)
     p = tl.exp(s - tl.where(m_j == float("-inf"), 0.0, m_j))  # a block with nothing to attend: all zeros
-    row = (b * tl.num_programs(1) + h) * NS
+    bh = b * tl.num_programs(1) + h  # this (row, head)'s counter; its partials start at bh * NS
+    row = bh * NS
     part = ws_ptr + (row + j) * (BD + 2)
     tl.store(part + d, tl.sum(p[:, None] * v.to(tl.float32), 0), cache_modifier=".wt")
     tl.store(part + BD, m_j, cache_modifier=".wt")
     tl.store(part + BD + 1, tl.sum(p, 0), cache_modifier=".wt")
     tl.debug_barrier()  # every thread's partial is written before the counter moves
-    arrived = tl.atomic_add(lock_ptr + b * tl.num_programs(1) + h, 1)  # acq_rel, gpu scope
+    arrived = tl.atomic_add(lock_ptr + bh, 1)  # acq_rel, gpu scope
     if arrived == NS - 1:
         m_i = tl.full([1], float("-inf"), tl.float32)
         l_i = tl.zeros([1], tl.float32)
@@ -77,7 +78,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, lock_ptr, L, 
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)
         tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=dm)
-        tl.atomic_xchg(lock_ptr + b * tl.num_programs(1) + h, 0)  # ready for the next launch
+        tl.atomic_xchg(lock_ptr + bh, 0)  # ready for the next launch
 
 
 def _mask_2d(mask: torch.Tensor | None, b: int, length: int):

@@ -194,10 +194,11 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     k_end = tl.minimum(K, k_start + k_per_split)
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
     if KW == 1:
-        a = tl.zeros([BN], dtype=tl.float32)
+        zero = tl.zeros([BN], dtype=tl.int32)  # one accumulator's start: a column, or a warp's row of columns
     else:
-        a = tl.zeros([KW, BN], dtype=tl.float32)
+        zero = tl.zeros([KW, BN], dtype=tl.int32)
         rk = tl.arange(0, KW)[:, None]  # this warp's word row within each group of KW rows
+    a = zero.to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         pf = tl.zeros([BN], dtype=tl.int32)  # the first tile's words, loaded before the wait
@@ -219,16 +220,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         else:
             s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
         zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
-        if KW == 1:
-            a0 = tl.zeros([BN], dtype=tl.int32)
-            a1 = tl.zeros([BN], dtype=tl.int32)
-            a2 = tl.zeros([BN], dtype=tl.int32)
-            a3 = tl.zeros([BN], dtype=tl.int32)
-        else:
-            a0 = tl.zeros([KW, BN], dtype=tl.int32)
-            a1 = tl.zeros([KW, BN], dtype=tl.int32)
-            a2 = tl.zeros([KW, BN], dtype=tl.int32)
-            a3 = tl.zeros([KW, BN], dtype=tl.int32)
+        a0, a1, a2, a3 = zero, zero, zero, zero
         xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
         if BITS == 3:
             c0 = _cp(zi, 0, S)

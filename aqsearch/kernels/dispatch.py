@@ -109,6 +109,15 @@ def _split_for(tiles: int, k: int, step: int, sms: int, per_sm: int = 2, min_ste
     return max(1, min(want, k // (min_steps * step)))
 
 
+def _unique(cfgs) -> list[dict]:
+    """The configs in order, each once."""
+    out: list[dict] = []
+    for c in cfgs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def dequant_chunk(k: int, l2_bytes: int = 50 << 20) -> int:
     """Columns of one dequantize-then-cuBLAS chunk: a ``[K, chunk]`` fp16 buffer of about a third of
     the L2, a multiple of 256 columns (whole words of packed zeros at every bit width)."""
@@ -138,32 +147,20 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
             s = _split_for(-(-n // 256), k, bks, sms, per_sm=4)
             for split in dict.fromkeys(min(f * s, max(1, k // bks)) for f in (2, 1)):
                 out.append({"path": "gemv", "h2": True, "BN": 256, "BKS": bks, "num_warps": 1, "split": split})
-            pk = []
-            for bn, nw, cap, per_sm in _GEMV_PK:
+            def cfg(bn, nw, cap, per_sm, min_steps, **extra):
                 bks = pk_bks(bits, g, cap)
-                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=1 if per_sm >= 16 else 2)
-                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split}
-                if c not in pk:
-                    pk.append(c)
-            staged = []
-            for bn, nw, cap, per_sm, st in _GEMV_PK_STAGED:
-                bks = pk_bks(bits, g, cap)
-                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=3)
-                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split, "num_stages": st}
-                if c not in staged:
-                    staged.append(c)
-            pk += [dict(c, pdl=True) for c in pk[:4]]  # programmatic dependent launch (sm_90+; else ignored)
-            pk += staged + [dict(c, pdl=True) for c in staged[:2]]
-            for bn, kw, cap, per_sm, st in _GEMV_PK_KW if bits != 3 else ():
-                bks = pk_bks(bits, g, cap)
-                if (bks // (32 // bits)) % kw:
-                    continue  # a tile's word rows must deal evenly to the warps
-                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=3 if st > 1 else 1)
-                c = {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": kw, "kw": kw, "split": split}
-                if st > 1:
-                    c["num_stages"] = st
-                if c not in pk:
-                    pk.append(c)
+                split = _split_for(-(-n // bn), k, bks, sms, per_sm=per_sm, min_steps=min_steps)
+                return {"path": "gemv", "pk": True, "BN": bn, "BKS": bks, "num_warps": nw, "split": split, **extra}
+
+            plain = _unique(cfg(bn, nw, cap, per_sm, 1 if per_sm >= 16 else 2) for bn, nw, cap, per_sm in _GEMV_PK)
+            staged = _unique(cfg(bn, nw, cap, per_sm, 3, num_stages=st) for bn, nw, cap, per_sm, st in _GEMV_PK_STAGED)
+            # kw: a tile's word rows must deal evenly to the warps
+            kws = _unique(cfg(bn, kw, cap, per_sm, 3 if st > 1 else 1, kw=kw,
+                              **({"num_stages": st} if st > 1 else {}))
+                          for bn, kw, cap, per_sm, st in _GEMV_PK_KW
+                          if bits != 3 and (pk_bks(bits, g, cap) // (32 // bits)) % kw == 0)
+            # programmatic dependent launch (sm_90+; else ignored) for the first plain and staged ones
+            pk = plain + [dict(c, pdl=True) for c in plain[:4]] + staged + [dict(c, pdl=True) for c in staged[:2]] + kws
             out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:
@@ -250,16 +247,14 @@ def autotune_enabled() -> bool:
 _TUNE_STREAM: list = []
 
 
-def graph_ms(calls, target_ms: float = 3.0, reps: tuple[int, int] = (2, 100)) -> float:
-    """Milliseconds a call: ``calls`` (one per weight copy) captured in one CUDA graph and replayed
-    about ``target_ms`` long (``reps`` bounds the replays), so launch gaps and L2 reuse between calls
-    (the weights of one call are not in cache for the next) are as in a captured decode step. One
-    capture stream for all: the split-K workspace is per stream. ``benchmarks/matmul.py`` times with it too."""
+def capture(calls) -> "torch.cuda.CUDAGraph":
+    """``calls`` run once (compiles; grows the split-K workspace of the capture stream) and then captured in
+    one CUDA graph, on one stream kept for all captures: the split-K workspace is per stream."""
     if not _TUNE_STREAM:
         _TUNE_STREAM.append(torch.cuda.Stream())
     s = _TUNE_STREAM[0]
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up (compiles; the split-K workspace of this stream)
+    with torch.cuda.stream(s):
         for c in calls:
             c()
     torch.cuda.synchronize()
@@ -267,6 +262,15 @@ def graph_ms(calls, target_ms: float = 3.0, reps: tuple[int, int] = (2, 100)) ->
     with torch.cuda.graph(g, stream=s):
         for c in calls:
             c()
+    return g
+
+
+def graph_ms(calls, target_ms: float = 3.0, reps: tuple[int, int] = (2, 100)) -> float:
+    """Milliseconds a call: ``calls`` (one per weight copy) captured in one CUDA graph and replayed
+    about ``target_ms`` long (``reps`` bounds the replays), so launch gaps and L2 reuse between calls
+    (the weights of one call are not in cache for the next) are as in a captured decode step
+    (:func:`capture`). ``benchmarks/matmul.py`` times with it too."""
+    g = capture(calls)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     g.replay()
     e0.record()
