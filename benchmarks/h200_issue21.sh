@@ -5,7 +5,8 @@
 # fused q/k/v and gate/up shapes at M = 1 too), then
 # benchmarks/decode.py --llama8b with a kernel profile of one captured step), probe.jsonl (benchmarks/pk_profile.py:
 # M = 1 eager / CUDA-graph / kernel-only times, ours and cuBLAS, kernel names), ncu.txt (Nsight Compute on
-# exactly the probe's launches: cudaProfilerStart/Stop ranges, no kernel-name filter).
+# exactly the probe's launches: cudaProfilerStart/Stop ranges, no kernel-name filter); with T_OVER > 0 first
+# overhead.jsonl + overhead.txt (benchmarks/gemv_overhead.py: time against bytes, PDL modes).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aq21}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AQSEARCH_CACHE=/tmp/aqc TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
@@ -13,9 +14,11 @@ L="$OUT/run.log"
 { date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv; git log --oneline -1 2>/dev/null
   python -c "import torch,triton,transformers as t;print(torch.__version__,triton.__version__,t.__version__)"; } >"$L" 2>&1
 [ "${T_TEST:-60}" -gt 0 ] && timeout ${T_TEST:-60} python -m pytest -q -x -p no:cacheprovider tests/kernels/test_gemv_pk.py tests/kernels/test_kernels.py \
-  -k "(kn or gemv_pk) and not budget" >>"$L" 2>&1; echo "pytest rc=$?" >>"$L"
+  -k "(kn or gemv_pk or pdl) and not budget" >>"$L" 2>&1; echo "pytest rc=$?" >>"$L"
 [ "${T_TEST:-60}" -gt 0 ] && timeout ${T_TEST:-60} python -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused.py >>"$L" 2>&1
 echo "pytest fused rc=$?" >>"$L"
+[ "${T_OVER:-0}" -gt 0 ] && timeout ${T_OVER} python benchmarks/gemv_overhead.py --out "$OUT/overhead.jsonl" \
+  --run "issue21b $(date -u +%m%d-%H%M)" >"$OUT/overhead.txt" 2>&1; echo "overhead rc=$?" >>"$L"
 AQSEARCH_DECODE_PROFILE=1 timeout $((${DEADLINE:-235} + 15)) python benchmarks/matmul.py --all --out "$OUT/r" \
   --ms ${MS:-1,1024,4096} --shapes 8192x8192,4096x14336,14336x4096,4096x4096 --m1-shapes 4096x6144,4096x28672 \
   --deadline-s ${DEADLINE:-235} --decode-s ${DECODE_S:-95} ${DECODE_SCHEMES:+--decode-schemes $DECODE_SCHEMES} \
@@ -33,4 +36,4 @@ if [ -n "$NCU" ]; then
 else
   echo "no ncu on this machine" >>"$L"
 fi
-cat "$L"; grep -v "^warm\|^  skip" "$OUT/matmul.log" | tail -5; head -70 "$OUT/summary.txt"; grep -c "" "$OUT/ncu.txt"; ls -la "$OUT"
+cat "$L"; cat "$OUT/overhead.txt" 2>/dev/null; grep -v "^warm\|^  skip" "$OUT/matmul.log" | tail -5; head -70 "$OUT/summary.txt"; grep -c "" "$OUT/ncu.txt"; ls -la "$OUT"

@@ -176,6 +176,15 @@ def _flush(a0, a1, a2, a3, ASM: tl.constexpr):
 
 
 @triton.jit
+def _l2_prefetch(ptrs, ASM: tl.constexpr):
+    """Ask L2 for the 128-byte line at each of ``ptrs`` (``prefetch.global.L2``; nothing is returned or waited
+    for). Without ASM (the interpreter) nothing: a prefetch changes no value."""
+    if ASM:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _xword(x_ptr, k, K, EVEN_K: tl.constexpr):
     """int32 (x[k], x[k + 1]) (k even; 0 past K)."""
     if EVEN_K:

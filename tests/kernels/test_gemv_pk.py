@@ -167,13 +167,15 @@ def test_gemv_pk_pipelined_k_loop(bits, masked):
 
 @pytest.mark.parametrize("bits", (2, 4, 8))
 @pytest.mark.parametrize("masked", (False, True), ids=("even", "masked"))
-@pytest.mark.parametrize("kw", (2, 4))
+@pytest.mark.parametrize("kw", (2, 4, 8))
 def test_gemv_pk_k_split_across_warps(bits, masked, kw):
     """``kw`` warps a program, each taking every kw-th word row of a tile (its own x words) and summed across
     warps at the end, pipelined and plain, split-K, even and masked shapes: the reference's sums. Catches a
     warp reading another warp's x words (rows and x out of step: even shapes) or the warps' sums not added.
     (A tail word row masked for the wrong warp reads past K against x words masked to zero: a memory-safety
     matter the values cannot show.)"""
+    if kw == 8 and bits == 2:
+        pytest.skip("a 64-wide tile holds 4 word rows of 2-bit codes: fewer than 8 warps")
     n, k = (64, 512) if not masked else (40, 458)
     qw, s, z = make(n, k, bits, 64)
     x = xin(1, k)
@@ -243,3 +245,75 @@ def test_asm_path_instruction_budget_on_sm90():
     for r in rows:
         assert r["spill_bytes"] == 0, r
         assert r["instr_per_weight"] <= BUDGET[r["bits"]], r
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not launch.pdl_enabled(), reason="programmatic dependent launch: sm_90+ GPU")
+@pytest.mark.parametrize("pdl", ({"pdl": True}, {"pdl": True, "late": True}, {"pdl": True, "late": True, "pf": 2},
+                                 {"pdl": True, "pf": 0}), ids=("early", "late", "late-pf2", "early-pf0"))
+@pytest.mark.parametrize("kw,stages", ((1, 1), (1, 3), (4, 3)))
+def test_pdl_chain_reads_what_the_kernel_before_wrote(pdl, kw, stages):
+    """A decode-like chain, captured in a CUDA graph and replayed: each GEMV's x is the RMSNorm (which lets a
+    PDL-launched next kernel start at once) of the GEMV before's output, 4096 x 4096 at 4 bits (long enough
+    that launched-early programs sit beside the kernel before). With PDL every step equals the same chain
+    launched without it, bit for bit (same arithmetic, same split-K order), and the first step the reference.
+    Catches a GEMV that reads x, or touches the split-K workspace and counters, before ``gdc_wait`` (stale x
+    from the last replay, a partial sum of the kernel before), and a prefetch that changes a value."""
+    from aqsearch.kernels import _fused
+
+    n = k = 4096
+    ws = [make(n, k, 4, 128, seed=i) for i in range(3)]
+    norm = (torch.rand(k, generator=torch.Generator().manual_seed(5)) + 0.5).half().to(DEVICE)
+    base = {"pk": True, "BN": 256, "BKS": 128, "split": 8, "num_warps": kw, "kw": kw, "num_stages": stages}
+    x0 = xin(1, k)
+
+    def chain(cfg, outs):
+        x = x0
+        for i, o in enumerate(outs):
+            qw, s, z = ws[i % 3]
+            x = launch.gemv(_fused.rmsnorm(x, norm, 1e-5), qw, s, z, 4, 128, k, cfg, out=o)
+
+    def run(cfg):
+        outs = [torch.empty(1, n, dtype=torch.float16, device=DEVICE) for _ in range(6)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile, and grow the split-K workspace of the capture's stream
+            chain(cfg, outs)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            chain(cfg, outs)
+        for o in outs:
+            o.fill_(float("nan"))
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        return torch.stack([o.clone() for o in outs])
+
+    want, got = run(base), run(dict(base, **pdl))
+    qw, s, z = ws[0]
+    check(want[0], oracle(_fused.rmsnorm(x0, norm, 1e-5), qw, s, z, 4, 128, k), 2e-3)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("kw", (1, 4))
+def test_gemv_pk_block_major_words(bits, kw):
+    """The words stored column-block-major (``packing.block_major``, config ``lb``): the same sums as the
+    row-major weight, for two blocks of 64 columns read by tiles of 32 and 64, split-K, pipelined, with kw
+    warps. Catches a row stride left at N, a block offset without the block's row count (both planes at 3
+    bits), and a tile that straddles two blocks."""
+    if kw > 1 and bits == 3:
+        pytest.skip("kw: 2, 4 and 8 bits")
+    n, k = 128, 512
+    qw, s, z = make(n, k, bits, 64)
+    x = xin(1, k)
+    want = oracle(x, qw, s, z, bits, 64, k)
+    bm = packing.block_major(qw, 64)
+    assert not torch.equal(bm, qw)
+    for bn in (32, 64):
+        out = poisoned(1, n, x.dtype)
+        launch.gemv(x, bm, s, z, bits, 64, k, {"pk": True, "BN": bn, "BKS": 64, "split": 2, "num_stages": 3,
+                                               "kw": kw, "num_warps": kw, "lb": 64}, out=out)
+        check(out, want, 2e-3)
+    with pytest.raises(ValueError, match="block-major"):
+        launch.gemv(x, bm, s, z, bits, 64, k, {"pk": True, "BN": 128, "BKS": 64, "lb": 64})
