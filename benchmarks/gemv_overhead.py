@@ -9,8 +9,10 @@ weight copies, > 3x L2), over a ladder of N at K = 4096 and 8192:
 - ``copy``: ``torch.Tensor.copy_`` of the same bytes as each w4 weight (read + write counted);
 - ``cublas``: fp16 ``x @ W.T`` at M = 1;
 - ``pk``: our GEMV at 2/4/8 bits with one base config each, with programmatic dependent launch off, at the
-  start (``early``, prefetch 0 / 1 tile) and after the K loop (``late``, prefetch 0 / 1 / 2 tiles), and with the
-  words stored column-block-major (``lb256``: ``packing.block_major``, a program's K-slice one contiguous run).
+  start (``early``, prefetch 0 / 1 tile) and after the K loop (``late``, prefetch 0 / 1 / 2 tiles).
+
+Issue 21's run ten also timed the words stored column-block-major (each program's K-slice one contiguous run;
+commit 29658df, series ``lb256`` in ``results/gemv_overhead.jsonl``): no change, so that layout was not kept.
 
 Each line of ``--out`` (JSON) holds one series' points and its least-squares ``t0_us`` / ``bw_gbps``.
 
@@ -21,7 +23,6 @@ Each line of ``--out`` (JSON) holds one series' points and its least-squares ``t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -39,9 +40,7 @@ BASE = {"pk": True, "BN": 256, "BKS": 128, "num_warps": 4, "kw": 4, "num_stages"
 BASE3 = {"pk": True, "BN": 128, "BKS": 128, "num_warps": 1, "num_stages": 3}
 MODES = {"off": {}, "early-pf0": {"pdl": True, "pf": 0}, "early": {"pdl": True},
          "late-pf0": {"pdl": True, "late": True, "pf": 0}, "late": {"pdl": True, "late": True},
-         "late-pf2": {"pdl": True, "late": True, "pf": 2},
-         # the words column-block-major (packing.block_major): a program's K-slice one contiguous run
-         "lb256": {"lb": 256}, "lb256-late": {"lb": 256, "pdl": True, "late": True}}
+         "late-pf2": {"pdl": True, "late": True, "pf": 2}}
 
 
 def fit(points):
@@ -55,7 +54,6 @@ def fit(points):
 
 def empty_chain_us(n: int = 64) -> float:
     import triton
-    import triton.language as tl
 
     @triton.jit
     def _empty(p):
@@ -75,7 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--run", default="")
     args = ap.parse_args(argv)
     from aqsearch.bench import append_result
-    from aqsearch.kernels import dispatch, launch, packing, reference
+    from aqsearch.kernels import dispatch, launch, reference
 
     dev = device()
     ladder = ((64, 256), (64, 512)) if args.dry_run or dev == "cpu" else LADDER
@@ -122,15 +120,13 @@ def main(argv=None) -> None:
             for k, n in ladder:
                 qw, s, z = problem(k, n, bits, 128)
                 wb = nbytes(qw, s, z)
-                lb = MODES[mode].get("lb", 0)
-                qk = packing.block_major(qw, lb) if lb else qw
-                copies = [(qk, s, z)] + [(qk.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
+                copies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
                 bks = min(base["BKS"], 128)
                 split = dispatch._split_for(-(-n // base["BN"]), k, bks, sms, per_sm=2, min_steps=3)
                 cfg = {"path": "gemv", **base, "split": split, **MODES[mode]}
                 x = torch.randn(1, k, device=dev, dtype=torch.float16)
                 out = torch.empty(1, n, device=dev, dtype=torch.float16)
-                launch.run(x, qk, s, z, bits, 128, k, cfg, out=out)
+                launch.run(x, qw, s, z, bits, 128, k, cfg, out=out)
                 ref = x.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
                 err = reference.rel_err(out.float(), ref)
                 us = graph_time([lambda c=c: launch.run(x, c[0], c[1], c[2], bits, 128, k, cfg, out=out)

@@ -22,20 +22,18 @@ import triton
 import triton.language as tl
 
 from ._fused import _launching, triton_ok
-from .launch import _workspace, pdl_trigger
+from .launch import _workspace
 
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, lock_ptr, L, NS, scale,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                         GROUPS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                        MASK: tl.constexpr, TRIGGER: tl.constexpr = False):
+                        MASK: tl.constexpr):
     """Program (b, h, j): cache rows ``j * BL ..`` of KV head ``h // GROUPS`` against query head h: this block's
     max, sum of exponentials and weighted values go to the workspace; the last block of (b, h) to arrive
     merges the NS partials (the flash-decoding split, in one launch) into ``o[b, 0, h]``.
-    MASK: 0 none, 1 bool (True attends), 2 additive. TRIGGER: let a PDL-launched next kernel start now."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    MASK: 0 none, 1 bool (True attends), 2 additive."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2)
@@ -128,8 +126,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             query, key, value, query if m2 is None else m2, out, ws, locks, length, ns, float(scaling),
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), smb, 0 if m2 is None else m2.stride(1),
-            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=bl, MASK=kind, num_warps=warps,
-            TRIGGER=pdl_trigger(query))
+            out.stride(0), out.stride(2), GROUPS=hq // hk, D=d, BD=bd, BL=bl, MASK=kind, num_warps=warps)
     return out
 
 

@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_trigger
-
 LAUNCHES: collections.Counter = collections.Counter()
 IN_LAUNCH = [0]  # > 0 while a fused kernel launches (the interpreter's own tensor copies are not the step's)
 
@@ -52,11 +50,7 @@ def triton_ok(*ts: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr,
-                    TRIGGER: tl.constexpr = False):
-    """One row. ``TRIGGER``: let a PDL-launched next kernel start now (``launch.pdl_trigger``)."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < D
@@ -84,8 +78,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     with _launching("rmsnorm"):
         _rmsnorm_kernel[(x2.shape[0],)](x2, weight, out, d, x2.stride(0), out.stride(0), float(eps),
-                                        BLOCK=triton.next_power_of_2(d), num_warps=4 if d >= 2048 else 1,
-                                        TRIGGER=pdl_trigger(x))
+                                        BLOCK=triton.next_power_of_2(d), num_warps=4 if d >= 2048 else 1)
     return out.view(*x.shape[:-1], d)
 
 
@@ -143,10 +136,8 @@ def rotary_qk(q, k, cos, sin, unsqueeze_dim=1):
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, sg, su, so, BLOCK: tl.constexpr, TRIGGER: tl.constexpr = False):
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, sg, su, so, BLOCK: tl.constexpr):
     """Row ``program_id(0)``, columns of block ``program_id(1)``: ``o = silu(g) * u`` (row strides sg, su, so)."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -171,7 +162,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     blk = 1024
     with _launching("silu_mul"):
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, blk))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
-                                                           BLOCK=blk, num_warps=4, TRIGGER=pdl_trigger(g))
+                                                           BLOCK=blk, num_warps=4)
     return out.view(g.shape)
 
 

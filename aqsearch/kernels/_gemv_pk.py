@@ -162,26 +162,13 @@ def asm_w3(half: int, s: int) -> str:
 
 
 @triton.jit
-def _wcol(pid_n, BN: tl.constexpr, offs, LB: tl.constexpr, NR):
-    """Word offsets in row 0 of tile ``pid_n``'s columns ``pid_n * BN + offs``: row-major (LB 0), else inside the
-    LB-wide block that holds the whole tile, its NR rows one after the other. A scalar multiple of BN plus
-    ``offs``, so the compiler still sees the tile's words as aligned and contiguous (vector loads)."""
-    if LB > 0:
-        TPB: tl.constexpr = LB // BN  # tiles a block
-        r = (pid_n // TPB) * (NR * LB) + (pid_n % TPB) * BN + offs
-    else:
-        r = pid_n * BN + offs
-    return r
-
-
-@triton.jit
 def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    N, K, n_lo, ZW, stride_om, k_per_split, n_split,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
                    BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
                    ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                   KW: tl.constexpr = 1, PF: tl.constexpr = 1, LATE: tl.constexpr = False, LB: tl.constexpr = 0):
+                   KW: tl.constexpr = 1, PF: tl.constexpr = 1, LATE: tl.constexpr = False):
     """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
 
     Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
@@ -196,10 +183,6 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     done (the next grid's prefetch then lands during this one's split-K epilogue, not under its stream).
     Every kernel time at M = 1 carries ~4-5 us that does not scale with the bytes (cuBLAS too: issue 21's
     fit of time against bytes over six shapes); PDL is how consecutive kernels hide it.
-
-    ``LB`` > 0: the words are stored column-block-major (``packing.block_major(qweight, LB)``: block ``c // LB``
-    holds its rows of LB words, one after the other), so a program's K-slice is one contiguous run instead of
-    BN * 4 bytes a row at a stride of N * 4 (issue 21's layout probe; BN <= LB or a multiple of it).
 
     ``KW`` > 1 (2, 4 and 8 bits, ``num_warps = KW``): the tile's word rows are dealt round-robin
     to KW warps, each with its own accumulators ``[KW, BN]``, summed across warps once at the end. The same
@@ -220,27 +203,20 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         zero = tl.zeros([KW, BN], dtype=tl.int32)
         rk = tl.arange(0, KW)[:, None]  # this warp's word row within each group of KW rows
     a = zero.to(tl.float32)
-    NR = (n_lo + (K + 31) // 32) if BITS == 3 else (K * BITS + 31) // 32  # word rows (both planes at 3 bits)
-    if LB > 0:  # column-block-major words: block c // LB holds its NR rows of LB words contiguously
-        RS: tl.constexpr = LB
-    else:
-        RS = N
-    tl.static_assert(LB == 0 or LB % BN == 0, "LB: a multiple of BN (a tile inside one block)")
-    wcol = _wcol(pid_n, BN, tl.arange(0, BN), LB, NR)
     if PDL:
         if not LATE:
             tl.extra.cuda.gdc_launch_dependents()
         if PF > 0:  # the first PF tiles' word rows, one prefetch a 128-byte line (clamped inside the matrix)
-            lc = _wcol(pid_n, BN, tl.minimum(tl.arange(0, BN // 32) * 32, N - 1 - pid_n * BN), LB, NR)[None, :]
+            lc = tl.minimum(pid_n * BN + tl.arange(0, BN // 32) * 32, N - 1)[None, :]
             if BITS == 3:
                 rl = tl.minimum(k_start // 16 + tl.arange(0, PF * BKS // 16), n_lo - 1)[:, None]
-                _l2_prefetch(w_ptr + rl * RS + lc, ASM)
+                _l2_prefetch(w_ptr + rl * N + lc, ASM)
                 rh = n_lo + tl.minimum(k_start // 32 + tl.arange(0, PF * BKS // 32), (K + 31) // 32 - 1)[:, None]
-                _l2_prefetch(w_ptr + rh * RS + lc, ASM)
+                _l2_prefetch(w_ptr + rh * N + lc, ASM)
             else:
                 rw = tl.minimum(k_start // (32 // BITS) + tl.arange(0, PF * BKS // (32 // BITS)),
                                 (K * BITS + 31) // 32 - 1)[:, None]
-                _l2_prefetch(w_ptr + rw * RS + lc, ASM)
+                _l2_prefetch(w_ptr + rw * N + lc, ASM)
         tl.extra.cuda.gdc_wait()
     for k0 in tl.range(k_start, k_end, BKS, num_stages=STAGES):
         gi = k0 // GROUP
@@ -254,20 +230,20 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         if BITS == 3:
             c0 = _cp(zi, 0, S)
             c4 = _cp(zi, 4, S)
-            wl = w_ptr + (k0 // 16) * RS + wcol  # low-plane rows, advanced a row at a time
-            wh = w_ptr + (n_lo + k0 // 32) * RS + wcol  # high-plane rows
+            wl = w_ptr + (k0 // 16) * N + cols  # low-plane rows, advanced a row at a time
+            wh = w_ptr + (n_lo + k0 // 32) * N + cols  # high-plane rows
             for r2 in tl.static_range(BKS // 32):
                 rr = k0 // 32 + r2
                 if MASKED:
                     le = tl.load(wl, mask=(cols * 0 + 2 * rr < n_lo) & cmask, other=0)
-                    lo = tl.load(wl + RS, mask=(cols * 0 + 2 * rr + 1 < n_lo) & cmask, other=0)
+                    lo = tl.load(wl + N, mask=(cols * 0 + 2 * rr + 1 < n_lo) & cmask, other=0)
                     hw = tl.load(wh, mask=(cols * 0 + rr < (K + 31) // 32) & cmask, other=0)
                 else:
                     le = tl.load(wl)
-                    lo = tl.load(wl + RS)
+                    lo = tl.load(wl + N)
                     hw = tl.load(wh)
-                wl += 2 * RS
-                wh += RS
+                wl += 2 * N
+                wh += N
                 xe = _xwords(x_ptr, xq, k0, 32 * r2, K, 8, EVEN_K)
                 a0, a1, a2, a3 = _word3(le, hw, xe, c0, c4, a0, a1, a2, a3, 0, S, ASM, ASM0)
                 xo = _xwords(x_ptr, xq, k0, 32 * r2 + 16, K, 8, EVEN_K)
@@ -282,13 +258,13 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             else:
                 cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
             if KW == 1:
-                wp = w_ptr + (k0 // PW) * RS + wcol  # advanced a word row at a time
+                wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
                 xk = xq
                 kx = k0
                 wrow = k0 // PW + cols * 0
                 wm = cmask
             else:  # warp rk takes word rows rk, rk + KW, ...: its x words start PW * rk further on
-                wp = w_ptr + (k0 // PW + rk) * RS + wcol[None, :]
+                wp = w_ptr + (k0 // PW + rk) * N + cols[None, :]
                 xk = xq + rk * (PW // 4)
                 kx = k0 + rk * PW
                 wrow = k0 // PW + rk + cols[None, :] * 0
@@ -298,7 +274,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                     w = tl.load(wp, mask=(wrow + KW * r < (K + PW - 1) // PW) & wm, other=0)
                 else:
                     w = tl.load(wp)
-                wp += KW * RS
+                wp += KW * N
                 xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
                 if BITS == 8:
                     if r % 2 == 0:

@@ -3,7 +3,7 @@ config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner's 
 
 The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``); the H100
 entries from issue 21's runs of 2026-12-06 (M = 1024 and 4096 from the second run; M = 1, with the fused
-q/k/v 4096x6144 and gate/up 4096x28672 shapes, from the ninth: kw and programmatic-dependent-launch configs included).
+q/k/v 4096x6144 and gate/up 4096x28672 shapes, from the ninth: each point's best config of the list ``dispatch.candidates`` now holds).
 Used before measuring; a GPU or shape not listed here is measured on first use."""
 
 TUNED: dict[str, dict[str, dict]] = {
@@ -196,10 +196,10 @@ TUNED: dict[str, dict[str, dict]] = {
         '2:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 224.295},
         '2:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 38, 'us': 12.267},
         '2:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 1, 'split': 19, 'us': 18.684},
-        '2:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 37, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 12.306},
+        '2:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 16, 'kw': 4, 'num_stages': 3, 'us': 12.547},
         '2:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 2, 'split': 10, 'kw': 2, 'num_stages': 3, 'us': 6.87},
-        '2:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 2, 'split': 10, 'kw': 2, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 8.122},
-        '2:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 2, 'split': 16, 'kw': 2, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 12.81},
+        '2:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 2, 'split': 10, 'kw': 2, 'num_stages': 3, 'us': 8.212},
+        '2:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 2, 'split': 16, 'num_stages': 3, 'us': 13.035},
         '2:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 674.987},
         '2:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 668.52},
         '2:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 195.833},
@@ -209,10 +209,10 @@ TUNED: dict[str, dict[str, dict]] = {
         '3:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 58.587},
         '3:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 226.261},
         '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 19, 'us': 15.688},
-        '3:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 25.679},
-        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 37, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 16.521},
+        '3:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 3, 'us': 25.901},
+        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'num_stages': 3, 'us': 16.573},
         '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'us': 7.842},
-        '3:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 512, 'BKS': 64, 'num_warps': 4, 'split': 21, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 9.689},
+        '3:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 9.871},
         '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 16.789},
         '3:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 673.664},
         '3:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 661.728},
@@ -222,11 +222,11 @@ TUNED: dict[str, dict[str, dict]] = {
         '4:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 199.972},
         '4:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 59.214},
         '4:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 232.616},
-        '4:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 5, 'kw': 4, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 15.254},
+        '4:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 4, 'us': 16.09},
         '4:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 2, 'kw': 4, 'num_stages': 3, 'us': 25.885},
         '4:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 16, 'kw': 4, 'num_stages': 3, 'us': 15.289},
-        '4:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 7.566},
-        '4:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 8.919},
+        '4:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 10, 'kw': 4, 'num_stages': 3, 'us': 7.839},
+        '4:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 9.572},
         '4:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 8, 'kw': 4, 'num_stages': 3, 'us': 16.802},
         '4:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 675.17},
         '4:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 663.353},
@@ -236,11 +236,11 @@ TUNED: dict[str, dict[str, dict]] = {
         '8:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 208.379},
         '8:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 62.673},
         '8:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 244.011},
-        '8:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 8, 'split': 1, 'kw': 8, 'num_stages': 4, 'us': 24.807},
+        '8:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 19, 'us': 25.064},
         '8:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 9, 'us': 44.266},
         '8:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 16, 'kw': 4, 'num_stages': 3, 'us': 25.41},
-        '8:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 9.545},
-        '8:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'pdl': True, 'late': True, 'us': 12.862},
+        '8:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 10.13},
+        '8:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 13.371},
         '8:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 8, 'kw': 4, 'num_stages': 3, 'us': 28.229},
         '8:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 684.999},
         '8:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 665.099},

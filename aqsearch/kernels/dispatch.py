@@ -71,12 +71,9 @@ _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4)
 # the warps (the one-warp programs issue every 5 cycles a warp, ~2 warps a scheduler: Nsight Compute, issue 21).
 # (BN, KW, BKS cap, programs an SM, stages; stages 1: the register-only loop).
 _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (256, 4, 128, 4, 3),
-               (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1),
-               # narrow tiles, 8-16 warps along K: the columns alone fill the GPU at one or two programs an SM, so
-               # split-K is 1-2 and its epilogue (partials written, a counter, the last program's reduction: a
-               # chain of L2 round trips at the end of every launch) mostly goes. Issue 21's fit of time against
-               # bytes: ~4 us a launch that the bytes do not explain against 1.7 for a copy.
-               (64, 16, 128, 1, 4), (64, 8, 128, 2, 4), (32, 16, 128, 2, 4), (128, 8, 128, 1, 4), (32, 8, 128, 4, 4))
+               (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1))
+# Measured and dropped (issue 21, H100, run nine): narrow tiles with 8-16 warps along K and split-K 1-2 (BN 32-128,
+# kw 8/16), to shed the split-K epilogue: 18.5-45 us at 8192x8192 against 12.8-28 us for the winners (BN 32 worst).
 # The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
 # index into the K tiles dividing the group: 0 the smallest, -1 the largest). Dequantize-then-cuBLAS pays
 # a full fp16 weight write and read (the H100 run: 0.72-0.83x cuBLAS at M = 1024), so only a fused
@@ -164,14 +161,12 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
                               **({"num_stages": st} if st > 1 else {}))
                           for bn, kw, cap, per_sm, st in _GEMV_PK_KW
                           if bits != 3 and (pk_bks(bits, g, cap) // (32 // bits)) % kw == 0)
-            # programmatic dependent launch (sm_90+; else ignored): the next kernel launched at this one's start
-            # (``pdl``) or after its K loop (``late``), each program's first tile (``pf`` tiles) prefetched into L2
-            # before it waits for the kernel before. Issue 21's fit of time against bytes: every M = 1 kernel
-            # (cuBLAS too) pays ~4-5 us that does not scale with the weight; PDL overlaps it with the neighbours.
-            def late(cs, pf=1):
-                return [dict(c, pdl=True, late=True, **({"pf": pf} if pf != 1 else {})) for c in cs]
-
-            pk = plain + [dict(c, pdl=True) for c in plain[:4]] + late(plain[:4]) + staged + late(staged) + kws + late(kws)
+            # No programmatic-dependent-launch variants (``"pdl"``, ``"late"``, ``"pf"``: the kernel still takes them).
+            # Timed alone, a GEMV chained to copies of itself, "late" won some points by <= 3 % ("early" lost 3 us a
+            # launch: benchmarks/gemv_overhead.py); in the 8B decode, where a GEMV follows other kernels, the
+            # tuner's PDL picks cost 2.7 % (334 against 343 tok/s, same H100, same session; 327 with the fused
+            # kernels triggering early): the tuner times configs alone, so it cannot see that.
+            pk = plain + staged + kws
             out[:0] = pk  # best guess first: the pk GEMV (fp16 x; other dtypes and fp16 zeros run the fp32 one)
     pbk = [b for b in (64, 128) if b <= g and g % b == 0 and (bits != 3 or b % 32 == 0)] or [g]
     if m <= 16:

@@ -106,11 +106,7 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     if m > 4:
         raise ValueError(f"the GEMV kernel takes M <= 4 rows, got {m}")
     zm, zw = zmode(zeros)
-    pk = cfg.get("pk") and m == 1 and x.dtype == torch.float16 and zm != 1 and bks % 32 == 0
-    if cfg.get("lb") and not (pk and cfg["lb"] % bn == 0 and n % cfg["lb"] == 0):
-        raise ValueError(f"a block-major weight (lb {cfg['lb']}) runs only the pk GEMV (M = 1, fp16 x, integer or "
-                         f"symmetric zeros) with BN | lb | N: BN {bn}, N {n}")
-    if pk:
+    if cfg.get("pk") and m == 1 and x.dtype == torch.float16 and zm != 1 and bks % 32 == 0:
         return _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split, grid, ws, locks,
                                zm, zw, n_lo, out, cfg)
     if cfg.get("h2") and m == 1 and x.dtype == torch.float16:  # packed half2 arithmetic (fp16 x only)
@@ -161,7 +157,7 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
         EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
-        STAGES=cfg.get("num_stages", 1), KW=cfg.get("kw", 1), LB=cfg.get("lb", 0), num_warps=cfg.get("num_warps", 1),
+        STAGES=cfg.get("num_stages", 1), KW=cfg.get("kw", 1), num_warps=cfg.get("num_warps", 1),
         num_stages=cfg.get("num_stages", 1), **pdl,
     )
     return out
@@ -177,14 +173,6 @@ def pdl_enabled() -> bool:
 @functools.lru_cache(maxsize=None)
 def _capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability()
-
-
-def pdl_trigger(t: torch.Tensor) -> bool:
-    """Whether a kernel on ``t``'s device should let the next (PDL-launched) kernel start at once: the fused
-    decode kernels before each GEMV (RMSNorm, attention, silu*up) do, so the GEMV's weight prefetch runs under
-    them. A kernel launched without PDL after one that triggers just waits as usual. ``AQSEARCH_PDL_TRIGGER=0``:
-    never (the rest of PDL unchanged)."""
-    return t.is_cuda and pdl_enabled() and os.environ.get("AQSEARCH_PDL_TRIGGER", "1") not in ("0", "false", "off")
 
 
 def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):

@@ -106,18 +106,6 @@ def unpack_kn(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return _unpack_plane(packed, bits, k)
 
 
-def block_major(qweight: torch.Tensor, lb: int) -> torch.Tensor:
-    """The packed words ``[rows, N]`` stored column-block-major: block ``j`` (columns ``j * lb ..``) holds its
-    ``rows`` rows of ``lb`` words one after the other, returned with the same shape ``[rows, N]`` (the words
-    reordered, not a view: only a kernel told ``lb`` reads it right). The pk GEMV reads it with config
-    ``"lb": lb`` (issue 21's layout probe: one contiguous run a program instead of ``BN * 4`` bytes a row at a
-    stride of ``N * 4``). ``N`` must be a multiple of ``lb``."""
-    rows, n = qweight.shape
-    if lb <= 0 or n % lb:
-        raise ValueError(f"block_major: N = {n} is not a multiple of the block width {lb}")
-    return qweight.reshape(rows, n // lb, lb).permute(1, 0, 2).contiguous().reshape(rows, n)
-
-
 def zero_words(n: int, bits: int) -> int:
     """int32 words holding one group row of ``n`` packed integer zeros (the codes' formula along N)."""
     return code_words(n, bits)

@@ -252,17 +252,14 @@ def test_asm_path_instruction_budget_on_sm90():
                                  {"pdl": True, "pf": 0}), ids=("early", "late", "late-pf2", "early-pf0"))
 @pytest.mark.parametrize("kw,stages", ((1, 1), (1, 3), (4, 3)))
 def test_pdl_chain_reads_what_the_kernel_before_wrote(pdl, kw, stages):
-    """A decode-like chain, captured in a CUDA graph and replayed: each GEMV's x is the RMSNorm (which lets a
-    PDL-launched next kernel start at once) of the GEMV before's output, 4096 x 4096 at 4 bits (long enough
-    that launched-early programs sit beside the kernel before). With PDL every step equals the same chain
-    launched without it, bit for bit (same arithmetic, same split-K order), and the first step the reference.
-    Catches a GEMV that reads x, or touches the split-K workspace and counters, before ``gdc_wait`` (stale x
-    from the last replay, a partial sum of the kernel before), and a prefetch that changes a value."""
-    from aqsearch.kernels import _fused
-
+    """A chain of six GEMVs, each one's x the output of the one before, 4096 x 4096 at 4 bits, captured in a
+    CUDA graph and replayed: with programmatic dependent launch the next GEMV's programs start (and prefetch
+    their words) while the one before still runs. Every step equals the same chain launched without PDL, bit
+    for bit (same arithmetic, same split-K order), and the first step the reference. Catches a GEMV that reads
+    x, or touches the split-K workspace and counters, before ``gdc_wait`` (stale x from the last replay, a
+    partial sum of the kernel before), and a prefetch that changes a value."""
     n = k = 4096
     ws = [make(n, k, 4, 128, seed=i) for i in range(3)]
-    norm = (torch.rand(k, generator=torch.Generator().manual_seed(5)) + 0.5).half().to(DEVICE)
     base = {"pk": True, "BN": 256, "BKS": 128, "split": 8, "num_warps": kw, "kw": kw, "num_stages": stages}
     x0 = xin(1, k)
 
@@ -270,7 +267,7 @@ def test_pdl_chain_reads_what_the_kernel_before_wrote(pdl, kw, stages):
         x = x0
         for i, o in enumerate(outs):
             qw, s, z = ws[i % 3]
-            x = launch.gemv(_fused.rmsnorm(x, norm, 1e-5), qw, s, z, 4, 128, k, cfg, out=o)
+            x = launch.gemv(x, qw, s, z, 4, 128, k, cfg, out=o)
 
     def run(cfg):
         outs = [torch.empty(1, n, dtype=torch.float16, device=DEVICE) for _ in range(6)]
@@ -290,30 +287,7 @@ def test_pdl_chain_reads_what_the_kernel_before_wrote(pdl, kw, stages):
         return torch.stack([o.clone() for o in outs])
 
     want, got = run(base), run(dict(base, **pdl))
+    assert torch.isfinite(want).all()
     qw, s, z = ws[0]
-    check(want[0], oracle(_fused.rmsnorm(x0, norm, 1e-5), qw, s, z, 4, 128, k), 2e-3)
+    check(want[0], oracle(x0, qw, s, z, 4, 128, k), 2e-3)
     assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
-@pytest.mark.parametrize("kw", (1, 4))
-def test_gemv_pk_block_major_words(bits, kw):
-    """The words stored column-block-major (``packing.block_major``, config ``lb``): the same sums as the
-    row-major weight, for two blocks of 64 columns read by tiles of 32 and 64, split-K, pipelined, with kw
-    warps. Catches a row stride left at N, a block offset without the block's row count (both planes at 3
-    bits), and a tile that straddles two blocks."""
-    if kw > 1 and bits == 3:
-        pytest.skip("kw: 2, 4 and 8 bits")
-    n, k = 128, 512
-    qw, s, z = make(n, k, bits, 64)
-    x = xin(1, k)
-    want = oracle(x, qw, s, z, bits, 64, k)
-    bm = packing.block_major(qw, 64)
-    assert not torch.equal(bm, qw)
-    for bn in (32, 64):
-        out = poisoned(1, n, x.dtype)
-        launch.gemv(x, bm, s, z, bits, 64, k, {"pk": True, "BN": bn, "BKS": 64, "split": 2, "num_stages": 3,
-                                               "kw": kw, "num_warps": kw, "lb": 64}, out=out)
-        check(out, want, 2e-3)
-    with pytest.raises(ValueError, match="block-major"):
-        launch.gemv(x, bm, s, z, bits, 64, k, {"pk": True, "BN": 128, "BKS": 64, "lb": 64})
