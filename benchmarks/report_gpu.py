@@ -1,4 +1,4 @@
-"""The README's GPU tables (``benchmarks/report.py`` renders them): kernels, decode, decode attention."""
+"""The README's GPU tables (``benchmarks/report.py`` renders them): kernels, decode, decode attention, launch overhead."""
 
 from __future__ import annotations
 
@@ -74,4 +74,26 @@ def decode_attn_table() -> str:
         s = r["settings"]
         lines.append(f"| {r['env']['machine']} | {s['batch']} | {s['length']} ({s['valid']}) | {r['variant']} | "
                      f"{r['us']:.2f} | {r['rel_err']:.1e} | {r['run']} |")
+    return "\n".join(lines)
+
+
+def launch_overhead_table() -> str:
+    """benchmarks/gemv_overhead.py: each series' fit of time against bytes (M = 1, six shapes), newest run each."""
+    recs = read_results(RESULTS / "gemv_overhead.jsonl")
+    empty = [r for r in recs if r["series"] == "empty"]
+    fits = _latest([r for r in recs if "t0_us" in r], lambda r: (r["env"]["machine"], r["series"]))
+    lines = []
+    if empty:
+        e = empty[-1]
+        lines += [f"An empty kernel costs {e['us_per_kernel']:.2f} us a CUDA-graph node ({e['env']['machine']}, "
+                  f"run `{e['run']}`).", ""]
+    lines += ["| machine | series | config | t0 us | GB/s (slope) | us at 8192x8192 | us at 4096x28672 | run |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in sorted(fits, key=lambda r: (r["env"]["machine"], r.get("bits", 0), r["series"])):
+        at = {(p.get("K"), p.get("N")): p["us"] for p in r["points"]}
+        cfg = r.get("config")
+        cfg_s = "" if not cfg else " ".join(f"{k}={v}" for k, v in cfg.items() if k != "pk")
+        lines.append(f"| {r['env']['machine']} | {r['series']} | {cfg_s} | {r['t0_us']:.2f} | {r['bw_gbps']:,.0f} | "
+                     f"{at.get((8192, 8192), float('nan')):.2f} | {at.get((4096, 28672), float('nan')):.2f} | "
+                     f"{r['run']} |")
     return "\n".join(lines)
