@@ -121,7 +121,7 @@ def main(argv=None):
     ap.add_argument("--pk", action="store_true", help="the pk kernel only")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--bks", default="64,128", help="pk tile K sizes")
-    ap.add_argument("--kw", type=int, default=1, help="pk: warps a tile's word rows are dealt to (2, 4 and 8 bits)")
+    ap.add_argument("--kw", type=int, default=1, help="pk: warps a tile's word rows (3 bits: 32-code steps) are dealt to")
     ap.add_argument("--json", action="store_true", help="one JSON object a line instead of the table")
     ap.add_argument("--record", default=None, metavar="JSONL",
                     help="also append each row to this results file (e.g. benchmarks/results/sass.jsonl)")
@@ -139,7 +139,7 @@ def main(argv=None):
                 per, ops, regs, spills, bks = count(bits, new)
                 rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills))
         for bks in (int(b) for b in args.bks.split(",")):
-            if args.kw > 1 and (bits == 3 or (bks // (32 // bits)) % args.kw):
+            if args.kw > 1 and (bks // (32 if bits == 3 else 32 // bits)) % args.kw:
                 continue
             per, ops, regs, spills, _ = count_pk(bits, bks, kw=args.kw)
             rows.append((f"f16x2 asm (pk{f', kw {args.kw}' if args.kw > 1 else ''})", bks, per, ops, regs, spills))

@@ -184,12 +184,11 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     Every kernel time at M = 1 carries ~4-5 us that does not scale with the bytes (cuBLAS too: issue 21's
     fit of time against bytes over six shapes); PDL is how consecutive kernels hide it.
 
-    ``KW`` > 1 (2, 4 and 8 bits, ``num_warps = KW``): the tile's word rows are dealt round-robin
+    ``KW`` > 1 (``num_warps = KW``; at 3 bits the 32-code steps): the tile's word rows are dealt round-robin
     to KW warps, each with its own accumulators ``[KW, BN]``, summed across warps once at the end. The same
     grid then keeps KW times the warps an SM busy: Nsight Compute on the H100 (issue 21) found the one-warp
     programs issue-bound on dependency stalls (5 cycles a warp between issues, ~2 warps a scheduler).
     """
-    tl.static_assert(KW == 1 or BITS != 3, "KW > 1: 2, 4 and 8 bits")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -230,23 +229,36 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         if BITS == 3:
             c0 = _cp(zi, 0, S)
             c4 = _cp(zi, 4, S)
-            wl = w_ptr + (k0 // 16) * N + cols  # low-plane rows, advanced a row at a time
-            wh = w_ptr + (n_lo + k0 // 32) * N + cols  # high-plane rows
-            for r2 in tl.static_range(BKS // 32):
-                rr = k0 // 32 + r2
+            # 32 codes a step: two low-plane rows and one high-plane row; with KW > 1 warp rk takes steps rk, rk + KW, ..
+            if KW == 1:
+                wl = w_ptr + (k0 // 16) * N + cols  # low-plane rows, advanced a row at a time
+                wh = w_ptr + (n_lo + k0 // 32) * N + cols  # high-plane rows
+                xk = xq
+                kx = k0
+                rr = k0 // 32 + cols * 0
+                wm = cmask
+            else:
+                wl = w_ptr + (k0 // 16 + 2 * rk) * N + cols[None, :]
+                wh = w_ptr + (n_lo + k0 // 32 + rk) * N + cols[None, :]
+                xk = xq + rk * 8  # this warp's x: 32 halves (8 eight-byte loads) a step further on
+                kx = k0 + rk * 32
+                rr = k0 // 32 + rk + cols[None, :] * 0
+                wm = cmask[None, :]
+            for r2 in tl.static_range(BKS // 32 // KW):
                 if MASKED:
-                    le = tl.load(wl, mask=(cols * 0 + 2 * rr < n_lo) & cmask, other=0)
-                    lo = tl.load(wl + N, mask=(cols * 0 + 2 * rr + 1 < n_lo) & cmask, other=0)
-                    hw = tl.load(wh, mask=(cols * 0 + rr < (K + 31) // 32) & cmask, other=0)
+                    le = tl.load(wl, mask=(2 * rr < n_lo) & wm, other=0)
+                    lo = tl.load(wl + N, mask=(2 * rr + 1 < n_lo) & wm, other=0)
+                    hw = tl.load(wh, mask=(rr < (K + 31) // 32) & wm, other=0)
                 else:
                     le = tl.load(wl)
                     lo = tl.load(wl + N)
                     hw = tl.load(wh)
-                wl += 2 * N
-                wh += N
-                xe = _xwords(x_ptr, xq, k0, 32 * r2, K, 8, EVEN_K)
+                wl += 2 * KW * N
+                wh += KW * N
+                rr += KW
+                xe = _xwords(x_ptr, xk, kx, 32 * KW * r2, K, 8, EVEN_K)
                 a0, a1, a2, a3 = _word3(le, hw, xe, c0, c4, a0, a1, a2, a3, 0, S, ASM, ASM0)
-                xo = _xwords(x_ptr, xq, k0, 32 * r2 + 16, K, 8, EVEN_K)
+                xo = _xwords(x_ptr, xk, kx, 32 * KW * r2 + 16, K, 8, EVEN_K)
                 a0, a1, a2, a3 = _word3(lo, hw, xo, c0, c4, a0, a1, a2, a3, 1, S, ASM, ASM1)
         else:
             PW: tl.constexpr = 32 // BITS

@@ -3,7 +3,7 @@ config (``dispatch.key``: bits:group:sym:dtype:M bucket:N:K), with the winner's 
 
 The H200 entries come from the run of 2026-11-29 with packed integer zeros (its ``tuned.json``); the H100
 entries from issue 21's runs of 2026-12-06 (M = 1024 and 4096 from the second run; M = 1, with the fused
-q/k/v 4096x6144 and gate/up 4096x28672 shapes, from the twelfth).
+q/k/v 4096x6144 and gate/up 4096x28672 shapes, from the twelfth; 3 bits from the fourteenth, with kw at 3 bits).
 Used before measuring; a GPU or shape not listed here is measured on first use."""
 
 TUNED: dict[str, dict[str, dict]] = {
@@ -208,12 +208,12 @@ TUNED: dict[str, dict[str, dict]] = {
         '3:128:a:float16:1024:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 194.597},
         '3:128:a:float16:1024:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 58.587},
         '3:128:a:float16:1024:8192:8192': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 226.261},
-        '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 15.798},
-        '3:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 3, 'us': 25.916},
-        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 33, 'num_stages': 4, 'us': 16.691},
-        '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'us': 7.906},
-        '3:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 9.873},
-        '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 1, 'split': 33, 'us': 16.726},
+        '3:128:a:float16:1:14336:4096': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 64, 'num_warps': 2, 'split': 21, 'num_stages': 3, 'us': 15.657},
+        '3:128:a:float16:1:28672:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 9, 'num_stages': 3, 'us': 25.777},
+        '3:128:a:float16:1:4096:14336': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 16, 'kw': 4, 'num_stages': 3, 'us': 15.079},
+        '3:128:a:float16:1:4096:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 64, 'num_warps': 1, 'split': 21, 'num_stages': 3, 'us': 7.842},
+        '3:128:a:float16:1:6144:4096': {'path': 'gemv', 'pk': True, 'BN': 128, 'BKS': 128, 'num_warps': 2, 'split': 10, 'kw': 2, 'num_stages': 3, 'us': 9.817},
+        '3:128:a:float16:1:8192:8192': {'path': 'gemv', 'pk': True, 'BN': 256, 'BKS': 128, 'num_warps': 4, 'split': 8, 'kw': 4, 'num_stages': 3, 'us': 16.567},
         '3:128:a:float16:4096:14336:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 673.664},
         '3:128:a:float16:4096:4096:14336': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 661.728},
         '3:128:a:float16:4096:4096:4096': {'path': 'dequant', 'BN': 256, 'BKS': 64, 'num_warps': 4, 'chunk': 0, 'us': 192.072},

@@ -67,7 +67,7 @@ _GEMV_PK = ((256, 1, 128, 8), (256, 1, 128, 4), (128, 1, 128, 8), (256, 1, 128, 
 _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4), (128, 1, 64, 8, 4),
                    (256, 2, 128, 4, 3), (64, 1, 128, 12, 3), (128, 1, 64, 16, 3), (256, 2, 64, 12, 3),
                    (256, 2, 128, 8, 3), (128, 1, 128, 12, 3), (512, 4, 64, 4, 3))
-# The same kernel with a tile's word rows dealt to KW warps (``kw``; 2, 4 and 8 bits): the grid above, KW times
+# The same kernel with a tile's word rows (3 bits: 32-code steps) dealt to KW warps (``kw``): the grid above, KW times
 # the warps (the one-warp programs issue every 5 cycles a warp, ~2 warps a scheduler: Nsight Compute, issue 21).
 # (BN, KW, BKS cap, programs an SM, stages; stages 1: the register-only loop).
 _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (256, 4, 128, 4, 3),
@@ -156,11 +156,11 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
 
             plain = _unique(cfg(bn, nw, cap, per_sm, 1 if per_sm >= 16 else 2) for bn, nw, cap, per_sm in _GEMV_PK)
             staged = _unique(cfg(bn, nw, cap, per_sm, 3, num_stages=st) for bn, nw, cap, per_sm, st in _GEMV_PK_STAGED)
-            # kw: a tile's word rows must deal evenly to the warps
+            # kw: a tile's word rows (3 bits: its 32-code steps) must deal evenly to the warps
             kws = _unique(cfg(bn, kw, cap, per_sm, 3 if st > 1 else 1, kw=kw,
                               **({"num_stages": st} if st > 1 else {}))
                           for bn, kw, cap, per_sm, st in _GEMV_PK_KW
-                          if bits != 3 and (pk_bks(bits, g, cap) // (32 // bits)) % kw == 0)
+                          if (pk_bks(bits, g, cap) // (32 if bits == 3 else 32 // bits)) % kw == 0)
             # No programmatic-dependent-launch variants (``"pdl"``, ``"late"``, ``"pf"``: the kernel still takes them).
             # Timed alone, a GEMV chained to copies of itself, "late" won some points by <= 3 % ("early" lost 3 us a
             # launch: benchmarks/gemv_overhead.py); in the 8B decode, where a GEMV follows other kernels, the

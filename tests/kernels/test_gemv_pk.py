@@ -165,25 +165,27 @@ def test_gemv_pk_pipelined_k_loop(bits, masked):
     check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
 
 
-@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("masked", (False, True), ids=("even", "masked"))
 @pytest.mark.parametrize("kw", (2, 4, 8))
 def test_gemv_pk_k_split_across_warps(bits, masked, kw):
-    """``kw`` warps a program, each taking every kw-th word row of a tile (its own x words) and summed across
+    """``kw`` warps a program, each taking every kw-th word row of a tile (3 bits: every kw-th step of two low-plane
+    rows and a high-plane row; its own x words) and summed across
     warps at the end, pipelined and plain, split-K, even and masked shapes: the reference's sums. Catches a
     warp reading another warp's x words (rows and x out of step: even shapes) or the warps' sums not added.
     (A tail word row masked for the wrong warp reads past K against x words masked to zero: a memory-safety
     matter the values cannot show.)"""
-    if kw == 8 and bits == 2:
-        pytest.skip("a 64-wide tile holds 4 word rows of 2-bit codes: fewer than 8 warps")
+    if (kw == 8 and bits == 2) or (kw == 8 and bits == 3):
+        pytest.skip("a 64-deep tile holds 4 word rows of 2-bit codes, a 128-deep one 4 steps of 3-bit: fewer than 8")
     n, k = (64, 512) if not masked else (40, 458)
-    qw, s, z = make(n, k, bits, 64)
+    g = 128 if bits == 3 else 64  # 3 bits: a tile of 128, four 32-code steps to deal
+    qw, s, z = make(n, k, bits, g)
     x = xin(1, k)
     for stages in (1, 3):
         out = poisoned(1, n, x.dtype)
-        launch.gemv(x, qw, s, z, bits, 64, k, {"pk": True, "BN": 32, "BKS": 64, "split": 2, "num_stages": stages,
-                                                "kw": kw, "num_warps": kw}, out=out)
-        check(out, oracle(x, qw, s, z, bits, 64, k), 2e-3)
+        launch.gemv(x, qw, s, z, bits, g, k, {"pk": True, "BN": 32, "BKS": g, "split": 2, "num_stages": stages,
+                                               "kw": kw, "num_warps": kw}, out=out)
+        check(out, oracle(x, qw, s, z, bits, g, k), 2e-3)
 
 
 @pytest.mark.parametrize("bits", (4, 8))
