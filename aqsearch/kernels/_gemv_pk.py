@@ -181,8 +181,9 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     grid before it reads x or touches the split-K workspace and counters (which the previous kernel may
     still be reducing). It lets the next kernel launch at its start, or with ``LATE`` once its K loop is
     done (the next grid's prefetch then lands during this one's split-K epilogue, not under its stream).
-    Every kernel time at M = 1 carries ~4-5 us that does not scale with the bytes (cuBLAS too: issue 21's
-    fit of time against bytes over six shapes); PDL is how consecutive kernels hide it.
+    Measured on the H100 (issue 21, ``benchmarks/gemv_overhead.py``): chained to itself, ``LATE`` takes 0.3-0.5 us
+    off the ~4 us a launch that the bytes do not explain, the start trigger adds ~3 us; in the 8B decode the
+    tuner's PDL picks cost 2.7 %, so ``dispatch.candidates`` offers none (a config may still ask for it).
 
     ``KW`` > 1 (``num_warps = KW``; at 3 bits the 32-code steps): the tile's word rows are dealt round-robin
     to KW warps, each with its own accumulators ``[KW, BN]``, summed across warps once at the end. The same
