@@ -10,7 +10,7 @@ With ``matmuls=True`` it also concatenates q/k/v and gate/up (``nn.Linear`` or `
 scheme, the packed layout concatenated along N) so that a layer runs 4 matmuls instead of 7: the same
 bytes, 3 fewer launches and their fixed cost.
 :func:`fuse_static_cache` makes a transformers ``StaticCache``'s layers write k and v in one launch instead
-of 4 (:func:`aqsearch.kernels._fused.kv_write`); the caller creates the cache, so the caller patches it
+of 5 (:func:`aqsearch.kernels._fused.kv_write`); the caller creates the cache, so the caller patches it
 (``benchmarks/decode.py`` does where the model carries ``aqsearch_fused``, set by :func:`fuse_llama`).
 :func:`count_launches` counts what a step launches besides the matmuls: aten ops that compute
 (views, aliases and allocations left out) plus the fused Triton launches; ``tests/kernels/test_fused.py``

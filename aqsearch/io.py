@@ -72,9 +72,13 @@ def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = Fal
     path = Path(path)
     if str(path) in ("", "."):
         raise AqError(f"{flag}: an empty path")
+    made, parent = [], path.absolute().parent  # the folders to make, innermost first
+    while not _exists(parent):
+        made.append(parent)
+        parent = parent.parent
     if not _exists(path):
-        _new_output(path)
-    if _exists(path):
+        _NEW.append((path.absolute(), made[::-1]))
+    else:
         if path.is_dir() and not folder:
             raise AqError(f"{flag}: {path} is a folder, not a file")
         if folder and not path.is_dir() and not force:
@@ -85,10 +89,6 @@ def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = Fal
                           + " (use --force to replace it)")
         if not os.access(path, os.W_OK):
             raise AqError(f"{flag}: {path} is not writable")
-    made, parent = [], path.absolute().parent
-    while not _exists(parent):
-        made.append(parent)
-        parent = parent.parent
     try:
         for d in reversed(made):
             d.mkdir()
@@ -106,14 +106,6 @@ def check_output(path: str | os.PathLike, flag: str = "--out", force: bool = Fal
 
 # Outputs that did not exist when a command checked them: (path, its missing folders, outermost first).
 _NEW: list[tuple[Path, list[Path]]] = []
-
-
-def _new_output(path: Path) -> None:
-    missing, parent = [], path.absolute().parent
-    while not _exists(parent):
-        missing.append(parent)
-        parent = parent.parent
-    _NEW.append((path.absolute(), missing[::-1]))
 
 
 def forget_new_outputs() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +62,17 @@ def layer_name(block: int, suffix: str | None = None) -> str:
     ('model.layers.3', 'model.layers.3.mlp.up_proj')
     """
     return f"model.layers.{block}" if suffix is None else f"model.layers.{block}.{suffix}"
+
+
+def split_unit(unit: str) -> tuple[int | None, str | None]:
+    """A unit's block and kind, the inverse of :func:`layer_name` for units: ``model.layers.3.down`` ->
+    ``(3, "down")``, ``model.layers.3`` -> ``(3, None)``, anything else (embeddings, LM head) ``(None, None)``.
+
+    >>> split_unit("model.layers.3.gate_up"), split_unit("model.layers.3"), split_unit("lm_head")
+    ((3, 'gate_up'), (3, None), (None, None))
+    """
+    m = re.search(r"\.(\d+)(?:\.(\w+))?$", unit)
+    return (int(m.group(1)), m.group(2)) if m else (None, None)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def _front(job, bank, work: Path, storage, name, trials, config) -> dict:
     from dataclasses import replace
 
     from aqsearch.plots import plot_front
-    from aqsearch.strategies.front import Front, FrontConfig, best_uniform, pick
+    from aqsearch.strategies.front import FrontConfig, best_uniform, pick, polished_front, save_pick
 
     storage = storage or f"sqlite:///{work.resolve() / 'study.db'}"
     name = name or "run-" + sha256_bytes(json.dumps(job.describe(), sort_keys=True).encode())[:10]
@@ -121,11 +121,9 @@ def _front(job, bank, work: Path, storage, name, trials, config) -> dict:
     state = "resumed" if name in held else ("new; the storage also holds " + ", ".join(held) if held else "new")
     log(f"study {name} in {storage} ({state})")
     cfg = replace(config or FrontConfig(seed=job.seed), trials=trials)
-    summ = Front(job, bank, storage, name, work, cfg).run()
+    summ = polished_front(job, bank, storage, name, work, cfg)
     point = pick(storage, name, job.limit)
-    art = Artifact.load(point["artifact"])
-    art = Artifact(art.plan, art.tensors, {**art.meta, "strategy": "study", "study": name, "trial": point["trial"]})
-    art.save(work / "plan.json")
+    save_pick(point, name, work / "plan.json")
     plot_front(storage, name, str(work / "front.png"))
     return {**summ, "storage": storage, "picked_trial": point["trial"], "picked": point,
             "uniform": best_uniform(storage, name, job.limit),

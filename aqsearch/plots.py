@@ -10,8 +10,7 @@ import os
 import optuna
 
 from aqsearch.errors import AqError
-from aqsearch.strategies.front import front_points, hull_points, lower_hull
-from aqsearch.storage import load_study
+from aqsearch.strategies.front import points_of, front_study, hull_of, lower_hull, staircase
 
 
 def check_plot(path: str, force: bool = False) -> None:
@@ -37,15 +36,15 @@ def plot_front(storage: str, study_name: str, path: str) -> None:
 
     from aqsearch.io import atomic_path
 
-    study = load_study(storage, study_name)
-    pts = front_points(storage, study_name)
-    hull = hull_points(storage, study_name)
+    study = front_study(storage, study_name)
+    pts = points_of(study)
+    hull = hull_of(study)
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     mib = 2.0**20
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([t.values[1] / mib for t in done], [t.values[0] for t in done], s=10, c="0.7", label="polished plans")
     if hull:
-        ax.step([h[1] / mib for h in hull], [min(k for k, bb, _ in hull if bb <= h[1]) for h in hull], where="post",
+        ax.step([h[1] / mib for h in hull], [staircase(hull, h[1]) for h in hull], where="post",
                 c="C3", lw=1, label="uniform staircase")
         lh = lower_hull(hull)
         ax.plot([h[1] / mib for h in lh], [h[0] for h in lh], "--", c="C3", lw=0.8, label="uniform hull")

@@ -76,10 +76,9 @@ def polish(
     acts = Activations.capture(model, calib.windows, batch=settings.batch, device=device, dtype=dtype)
     out: dict[str, QTensor] = {}
     stats = {"steps": 0, "steps_full": 0, "blocks": [], "activations": acts.report()}
-    with progress(len(blocks), desc, unit="block") as bar:
-        for i, blk in blocks_on(blocks, device, dtype):  # device None: the blocks stay where they are
-            if upto is not None and i >= upto:
-                break
+    run = blocks if upto is None else blocks[:upto]  # a prefix: the blocks after it are never moved or trained
+    with progress(len(run), desc, unit="block") as bar:
+        for i, blk in blocks_on(run, device, dtype):  # device None: the blocks stay where they are
             schemes = {sfx: s for sfx in BLOCK_LINEARS if (s := plan.scheme_for(layer_name(i, sfx))) is not None}
             y_fp = acts.run(blk, acts.x_fp)
             if i in done and (done[i].get("schemes") != {k: str(v) for k, v in schemes.items()}

@@ -123,12 +123,8 @@ def main() -> int:
         return 0
     entrants = front.promoted(front.search())
     late = lambda: args.deadline_s is not None and time.time() - t0 > args.deadline_s  # noqa: E731
-    trials, unraced = [], []
-    for c, lab, sc in entrants:  # what Front.race does, with the deadline
-        if late():
-            unraced.append(lab)
-            continue
-        trials.append(front._run(c, lab, {"score": sc, "hull": False}, True))
+    trials = front.race(entrants, stop=late)
+    unraced = [lab for _, lab, _ in entrants[len(trials):]]
     t_front = time.time() - t0 - t_bank - t_hull
     summ = summary(storage, name)
     # 3. the stopped plans polished fully: the front without racing
@@ -148,10 +144,9 @@ def main() -> int:
             f"(predicted {extra[-1]['predicted']})")
     hull = hull_points(storage, name)
     raced = [(p["kl_mean"], p["bytes"], p["label"]) for p in summ["front"] if p["polished"]]
-    done = [(t.values[0], int(t.values[1]), t.user_attrs.get("label", "")) for t in
-            front.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    done = front.polished()
     every = done + [(e["kl_mean"], e["bytes"], e["label"]) for e in extra if "kl_mean" in e]
-    limit = int(max(b for b, _ in budgets) * bank.space.weights / 8)
+    limit = job.limit
     hv_race, hv_all = hypervolume([(k, b) for k, b, _ in done], limit), hypervolume([(k, b) for k, b, _ in every], limit)
     rows = ratios(done, hull, budgets, bank.space.weights)
     between = [r["front_vs_hull"] for r in rows if r["between"] and r["front_vs_hull"]]

@@ -113,28 +113,29 @@ def main(argv=None) -> None:
                         {"K": k, "N": n}))
             del w
         record("cublas", pts)
+    modes = args.modes.split(",")
     for bits in (int(b) for b in args.bits.split(",")):
         base = BASE3 if bits == 3 else BASE
-        for mode in args.modes.split(","):
-            pts = []
-            for k, n in ladder:
-                qw, s, z = problem(k, n, bits, 128)
-                wb = nbytes(qw, s, z)
-                copies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
-                bks = min(base["BKS"], 128)
-                split = dispatch._split_for(-(-n // base["BN"]), k, bks, sms, per_sm=2, min_steps=3)
+        bks = dispatch.pk_bks(bits, 128, base["BKS"])
+        pts: dict[str, list] = {mode: [] for mode in modes}
+        for k, n in ladder:  # one problem, its copies and its reference a shape, timed in every mode
+            qw, s, z = problem(k, n, bits, 128)
+            wb = nbytes(qw, s, z)
+            copies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
+            split = dispatch._split_for(-(-n // base["BN"]), k, bks, sms, per_sm=2, min_steps=3)
+            x = torch.randn(1, k, device=dev, dtype=torch.float16)
+            out = torch.empty(1, n, device=dev, dtype=torch.float16)
+            ref = x.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
+            for mode in modes:
                 cfg = {"path": "gemv", **base, "split": split, **MODES[mode]}
-                x = torch.randn(1, k, device=dev, dtype=torch.float16)
-                out = torch.empty(1, n, device=dev, dtype=torch.float16)
                 launch.run(x, qw, s, z, bits, 128, k, cfg, out=out)
-                ref = x.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
                 err = reference.rel_err(out.float(), ref)
                 us = graph_time([lambda c=c: launch.run(x, c[0], c[1], c[2], bits, 128, k, cfg, out=out)
                                  for c in copies]) * 1e6
-                pts.append((wb, us, {"K": k, "N": n, "split": split, "rel_err": round(err, 7)}))
-                del copies
-            record(f"w{bits} {mode}", pts, bits=bits, config={**base, **MODES[mode]})
-
+                pts[mode].append((wb, us, {"K": k, "N": n, "split": split, "rel_err": round(err, 7)}))
+            del copies, ref
+        for mode in modes:
+            record(f"w{bits} {mode}", pts[mode], bits=bits, config={**base, **MODES[mode]})
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from aqsearch.kernels import _gemv, _gemv_h2, _gemv_pk, launch  # noqa: E402
+from aqsearch.kernels import _gemv, _gemv_h2, _gemv_pk, dispatch, launch  # noqa: E402
 
 OLD_SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16",
            "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_lo": "i32",
@@ -137,14 +137,14 @@ def main(argv=None):
         if not args.pk:
             for new in (False, True):
                 per, ops, regs, spills, bks = count(bits, new)
-                rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills))
+                rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills, 1))
         for bks in (int(b) for b in args.bks.split(",")):
-            if args.kw > 1 and (bks // (32 if bits == 3 else 32 // bits)) % args.kw:
+            if not dispatch.kw_fits(bits, bks, args.kw):
                 continue
             per, ops, regs, spills, _ = count_pk(bits, bks, kw=args.kw)
-            rows.append((f"f16x2 asm (pk{f', kw {args.kw}' if args.kw > 1 else ''})", bks, per, ops, regs, spills))
-        for name, bks, per, ops, regs, spills in rows:
-            nw = args.kw if "kw" in name else 1
+            rows.append((f"f16x2 asm (pk{f', kw {args.kw}' if args.kw > 1 else ''})", bks, per, ops, regs, spills,
+                         args.kw))
+        for name, bks, per, ops, regs, spills, nw in rows:
             w = bks * 256 // (32 * nw)
             row = {"bits": bits, "kernel": name, "BN": 256, "BKS": bks, "warps": nw, "target": "sm_90",
                    "triton": triton.__version__, "instr_per_weight": round(per, 3),

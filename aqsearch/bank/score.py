@@ -28,12 +28,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from aqsearch.config import QuantScheme
+from aqsearch.models import split_unit
 
 
 def unit_kind(unit: str) -> str:
-    """``model.layers.3.gate_up`` -> ``gate_up``; a block unit (``model.layers.3``) -> ``block``."""
-    last = unit.rsplit(".", 1)[-1]
-    return "block" if last.isdigit() else last
+    """``model.layers.3.gate_up`` -> ``gate_up``; a block unit (``model.layers.3``) -> ``block``; others their
+    last name (``lm_head``)."""
+    block, kind = split_unit(unit)
+    return kind or ("block" if block is not None else unit.rsplit(".", 1)[-1])
 
 
 def group_of(unit: str, scheme: str, by: str = "kind") -> str:

@@ -54,7 +54,7 @@ def cmd_search(args) -> int:
     from aqsearch.cli.run import front_job
     from aqsearch.job import Job
     from aqsearch.storage import make_storage
-    from aqsearch.strategies.front import Front
+    from aqsearch.strategies.front import polished_front
 
     budgets, is_range, data, bank_cfg, polish, cfg = front_job(args)
     check_storage(args.storage, create=True)
@@ -63,7 +63,7 @@ def cmd_search(args) -> int:
                       seed=args.seed, spread=args.points if is_range else 0)
     bank = job.new_bank()
     bank.build(args.workers)
-    res = Front(job, bank, args.storage, args.study, _workdir(args), cfg).run()
+    res = polished_front(job, bank, args.storage, args.study, _workdir(args), cfg)
     emit(args, res, f"{front_table(res['front'])}\n\nuniform hull:\n{hull_table(res['hull'])}")
     return 0
 
@@ -84,8 +84,8 @@ def cmd_front(args) -> int:
 
 
 def cmd_pick(args) -> int:
-    from aqsearch.artifact import Artifact, check_plan_out
-    from aqsearch.strategies.front import pick, study_info
+    from aqsearch.artifact import check_plan_out
+    from aqsearch.strategies.front import pick, save_pick, study_info
 
     budget = parse_budget(args.budget)
     check_storage(args.storage, create=False)
@@ -93,8 +93,7 @@ def cmd_pick(args) -> int:
     info = study_info(args.storage, args.study)
     limit = budget.resolve(info["weights"])
     point = pick(args.storage, args.study, limit)
-    art = Artifact.load(point["artifact"])  # its sha256 checked
-    Artifact(art.plan, art.tensors, {**art.meta, "strategy": "study", "study": args.study, "trial": point["trial"]}).save(args.out)
+    save_pick(point, args.study, args.out)
     emit(args, {"out": args.out, **point},
          f"trial {point['trial']} ({point['label']}): {point['bytes']:,} B ({point['bpw']:.3f} bpw), held-out KL "
          f"{point['kl_mean']:.4f} (polished) -> {args.out}")

@@ -48,12 +48,6 @@ def shift_for(bits: int, bks: int) -> int:
     return s
 
 
-def _i32(v: int) -> int:
-    """A 32-bit pattern as the signed int32 Triton takes for a constant."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def pow2_pair(e: int) -> int:
     """fp16x2 bits of ``(2**e, 2**e)``, ``-24 <= e <= 15`` (subnormal below -14)."""
     h = (e + 15) << 10 if e >= -14 else 1 << (e + 24)
@@ -197,11 +191,17 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    # warp rk takes word rows (3 bits: 32-code steps) rk, rk + KW, ... of a tile; one warp: rk 0, 1-D tensors
     if KW == 1:
         zero = tl.zeros([BN], dtype=tl.int32)  # one accumulator's start: a column, or a warp's row of columns
+        rk = 0
+        cc = cols
+        wm = cmask
     else:
         zero = tl.zeros([KW, BN], dtype=tl.int32)
-        rk = tl.arange(0, KW)[:, None]  # this warp's word row within each group of KW rows
+        rk = tl.arange(0, KW)[:, None]
+        cc = cols[None, :]
+        wm = cmask[None, :]
     a = zero.to(tl.float32)
     if PDL:
         if not LATE:
@@ -230,21 +230,12 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
         if BITS == 3:
             c0 = _cp(zi, 0, S)
             c4 = _cp(zi, 4, S)
-            # 32 codes a step: two low-plane rows and one high-plane row; with KW > 1 warp rk takes steps rk, rk + KW, ..
-            if KW == 1:
-                wl = w_ptr + (k0 // 16) * N + cols  # low-plane rows, advanced a row at a time
-                wh = w_ptr + (n_lo + k0 // 32) * N + cols  # high-plane rows
-                xk = xq
-                kx = k0
-                rr = k0 // 32 + cols * 0
-                wm = cmask
-            else:
-                wl = w_ptr + (k0 // 16 + 2 * rk) * N + cols[None, :]
-                wh = w_ptr + (n_lo + k0 // 32 + rk) * N + cols[None, :]
-                xk = xq + rk * 8  # this warp's x: 32 halves (8 eight-byte loads) a step further on
-                kx = k0 + rk * 32
-                rr = k0 // 32 + rk + cols[None, :] * 0
-                wm = cmask[None, :]
+            # 32 codes a step: two low-plane rows and one high-plane row, advanced KW steps at a time
+            wl = w_ptr + (k0 // 16 + 2 * rk) * N + cc  # low-plane rows
+            wh = w_ptr + (n_lo + k0 // 32 + rk) * N + cc  # high-plane rows
+            xk = xq + rk * 8  # this warp's x: 32 halves (8 eight-byte loads) a step further on
+            kx = k0 + rk * 32
+            rr = k0 // 32 + rk + cc * 0
             for r2 in tl.static_range(BKS // 32 // KW):
                 if MASKED:
                     le = tl.load(wl, mask=(2 * rr < n_lo) & wm, other=0)
@@ -270,18 +261,10 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                 cs = (_cp(zi, 0, S), _cp(zi, 4, S))
             else:
                 cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
-            if KW == 1:
-                wp = w_ptr + (k0 // PW) * N + cols  # advanced a word row at a time
-                xk = xq
-                kx = k0
-                wrow = k0 // PW + cols * 0
-                wm = cmask
-            else:  # warp rk takes word rows rk, rk + KW, ...: its x words start PW * rk further on
-                wp = w_ptr + (k0 // PW + rk) * N + cols[None, :]
-                xk = xq + rk * (PW // 4)
-                kx = k0 + rk * PW
-                wrow = k0 // PW + rk + cols[None, :] * 0
-                wm = cmask[None, :]
+            wp = w_ptr + (k0 // PW + rk) * N + cc  # advanced KW word rows at a time
+            xk = xq + rk * (PW // 4)  # this warp's x words start PW * rk further on
+            kx = k0 + rk * PW
+            wrow = k0 // PW + rk + cc * 0
             for r in tl.static_range(R // KW):
                 if MASKED:
                     w = tl.load(wp, mask=(wrow + KW * r < (K + PW - 1) // PW) & wm, other=0)

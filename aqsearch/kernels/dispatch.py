@@ -93,6 +93,11 @@ def pk_bks(bits: int, group: int, cap: int) -> int:
     return max(32, b)
 
 
+def kw_fits(bits: int, bks: int, kw: int) -> bool:
+    """Whether a pk GEMV tile of ``bks`` deals evenly to ``kw`` warps: its word rows (3 bits: its 32-code steps)."""
+    return (bks // (32 if bits == 3 else 32 // bits)) % kw == 0
+
+
 def m_bucket(m: int) -> int:
     """1, 2, 4, 8, ... 4096: configs are shared inside a bucket."""
     b = 1
@@ -157,10 +162,10 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[
             plain = _unique(cfg(bn, nw, cap, per_sm, 1 if per_sm >= 16 else 2) for bn, nw, cap, per_sm in _GEMV_PK)
             staged = _unique(cfg(bn, nw, cap, per_sm, 3, num_stages=st) for bn, nw, cap, per_sm, st in _GEMV_PK_STAGED)
             # kw: a tile's word rows (3 bits: its 32-code steps) must deal evenly to the warps
-            kws = _unique(cfg(bn, kw, cap, per_sm, 3 if st > 1 else 1, kw=kw,
-                              **({"num_stages": st} if st > 1 else {}))
-                          for bn, kw, cap, per_sm, st in _GEMV_PK_KW
-                          if (pk_bks(bits, g, cap) // (32 if bits == 3 else 32 // bits)) % kw == 0)
+            kws = _unique(c for c in (cfg(bn, kw, cap, per_sm, 3 if st > 1 else 1, kw=kw,
+                                          **({"num_stages": st} if st > 1 else {}))
+                                      for bn, kw, cap, per_sm, st in _GEMV_PK_KW)
+                          if kw_fits(bits, c["BKS"], c["kw"]))
             # No programmatic-dependent-launch variants (``"pdl"``, ``"late"``, ``"pf"``: the kernel still takes them).
             # Timed alone, a GEMV chained to copies of itself, "late" won some points by <= 3 % ("early" lost 3 us a
             # launch: benchmarks/gemv_overhead.py); in the 8B decode, where a GEMV follows other kernels, the

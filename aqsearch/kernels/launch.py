@@ -7,7 +7,9 @@ config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` the
 
 A config is a dict, JSON-friendly so the tuner can cache it:
 ``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}`` (``"h2": True``: the packed
-half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; otherwise, and for bf16 x, the fp32 one),
+half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; ``"pk": True``: the f16x2 inline-PTX one, with ``"kw"`` warps
+along K, ``"num_stages"`` a pipelined K loop, ``"pdl"`` / ``"late"`` / ``"pf"`` programmatic dependent launch;
+otherwise, and for bf16 x, the fp32 one),
 ``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``
 (``"kn": True`` instead of ``packed``: the large-M loop, words loaded once, fp16 tile for fp16 x),
 ``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 2048}`` (then cuBLAS; ``chunk``:
@@ -32,7 +34,7 @@ from . import _gemm, _gemv, _gemv_h2, _gemv_pk
 from .packing import effective_group
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
-_WORKSPACE: dict = {}  # (device, stream) -> [fp32 partials, int32 counters]: reused across launches
+_WORKSPACE: dict = {}  # (device, stream, pool) -> [fp32 partials, int32 counters]: reused across launches
 
 
 def interpreting() -> bool:

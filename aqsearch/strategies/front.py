@@ -37,6 +37,7 @@ from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
 from aqsearch.storage import load_study, make_storage
 from aqsearch.strategies.racing import PlanRegressor, Polisher, stop_reason
+from aqsearch.strategies.study import StudyConfig, held_info, other_settings, run_study
 
 DONE = optuna.trial.TrialState.COMPLETE
 PRUNED = optuna.trial.TrialState.PRUNED
@@ -115,7 +116,6 @@ class Front:
             {"polished": len(rows), "leave_one_out": {k: last.get(k) for k in ("n", "spearman", "kendall")},
              "raced_score_vs_kl": ahead, "weights": last.get("weights", {})}]
         self.study.set_user_attr("score_fits", fits)
-        self.study.set_user_attr("score", self.score.to_json())
 
     def _run(self, choice: dict, label: str, attrs: dict, race: bool) -> optuna.trial.FrozenTrial:
         """One plan as a trial: raced (rungs 0 and 1, may stop) or polished fully."""
@@ -173,8 +173,6 @@ class Front:
 
     def search(self, trials: int | None = None):
         """Step 3: the score study (warm-started by the knapsack on the fitted score at every budget)."""
-        from aqsearch.strategies.study import StudyConfig, run_study
-
         cfg = StudyConfig(seed=self.config.seed, warm_knapsack=len(self.job.budgets))
         return run_study(self.job, self.bank, self.storage, self.name + ":score", trials or self.config.trials, cfg,
                          self.job.limit, score=self.score)
@@ -195,9 +193,15 @@ class Front:
             lo = b
         return [(c, lab, s) for c, lab, s, _ in sorted(out, key=lambda c: c[3])]
 
-    def race(self, entrants) -> list:
-        """Step 4: each entrant raced (or, ``race=False``, polished fully), fewest bytes first."""
-        return [self._run(c, lab, {"score": s, "hull": False}, self.config.race) for c, lab, s in entrants]
+    def race(self, entrants, stop=None) -> list:
+        """Step 4: each entrant raced (or, ``race=False``, polished fully), fewest bytes first; once ``stop()``
+        is true (a deadline) the rest are left unraced: the trials of those raced."""
+        out = []
+        for c, lab, s in entrants:
+            if stop is not None and stop():
+                break
+            out.append(self._run(c, lab, {"score": s, "hull": False}, self.config.race))
+        return out
 
     def run(self) -> dict:
         self.hull()  # each polished plan refits the score: the search below uses the hull's fit
@@ -212,17 +216,14 @@ def _open(job, bank, storage: str, name: str, config: FrontConfig) -> optuna.Stu
             "budgets": list(job.budgets), "weights": bank.space.weights, "units": len(bank.units),
             "job": job.describe(), "front": asdict(config), "bank": {"storage": bank.store.safe_url, "key": bank.key}}
     info = json.loads(json.dumps(info))
-    if name in optuna.get_all_study_names(make_storage(storage)):
-        held = optuna.load_study(study_name=name, storage=make_storage(storage)).user_attrs.get("aqsearch")
-        if held is None:
-            raise AqError(f"study {name!r} in the storage was not made by aqsearch; use another --study name")
+    held = held_info(storage, name)
+    if held is not None:
         # trials and promote only add work: a study resumed with more of either goes on
         same = lambda d: {k: v for k, v in (d or {}).items() if k not in ("trials", "promote")}  # noqa: E731
         diff = [k for k in ("job", "budgets", "units") if held.get(k) != info[k]]
         diff += ["front"] if same(held.get("front")) != same(info["front"]) else []
         if diff:
-            raise AqError(f"study {name!r} in the storage was made with other settings ({', '.join(diff)} differ); "
-                          "use another --study name, or the settings it was made with")
+            raise other_settings(name, diff)
     study = optuna.create_study(storage=make_storage(storage, None), study_name=name,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     if study.user_attrs.get("aqsearch") is None:
@@ -248,7 +249,8 @@ def _point(t) -> dict:
             "predicted_kl": a.get("prediction_1") or a.get("prediction_0")}
 
 
-def _frozen(storage: str, name: str):
+def front_study(storage: str, name: str):
+    """The front study ``name``, loaded once for the readers below (one of another kind is refused)."""
     study = load_study(storage, name)
     if not study.user_attrs.get("aqsearch", {}).get("front"):
         raise AqError(f"study {name!r} holds no polished front (made by another aqsearch command or version)")
@@ -258,7 +260,11 @@ def _frozen(storage: str, name: str):
 def front_points(storage: str, name: str) -> list[dict]:
     """The polished Pareto front (``"polished": true``), then the plans racing stopped (``false``, with a
     prediction, never a KL), fewest bytes first."""
-    study = _frozen(storage, name)
+    return points_of(front_study(storage, name))
+
+
+def points_of(study) -> list[dict]:
+    """:func:`front_points` of a loaded :func:`front_study`."""
     done = [t for t in study.get_trials(deepcopy=False, states=(DONE,))]
     front = [t for t in done if not any(u.values[0] <= t.values[0] and u.values[1] <= t.values[1] and u.values != t.values
                                         for u in done)]
@@ -268,7 +274,11 @@ def front_points(storage: str, name: str) -> list[dict]:
 
 def hull_points(storage: str, name: str) -> list[tuple[float, int, str]]:
     """The polished uniform schemes: ``(kl, bytes, scheme)``, fewest bytes first."""
-    study = _frozen(storage, name)
+    return hull_of(front_study(storage, name))
+
+
+def hull_of(study) -> list[tuple[float, int, str]]:
+    """:func:`hull_points` of a loaded :func:`front_study`."""
     return sorted(((t.values[0], int(t.values[1]), t.user_attrs["uniform"])
                    for t in study.get_trials(deepcopy=False, states=(DONE,)) if t.user_attrs.get("hull")),
                   key=lambda p: p[1])
@@ -308,7 +318,7 @@ def hull_line(hull: list[tuple[float, int, str]], nbytes: int) -> float | None:
 
 def pick(storage: str, name: str, limit: int) -> dict:
     """The best *polished* plan within ``limit`` bytes (its point, with the artifact's path): no recompute."""
-    study = _frozen(storage, name)
+    study = front_study(storage, name)
     done = [t for t in study.get_trials(deepcopy=False, states=(DONE,))]
     if not done:
         raise AqError(f"study {name!r} has no polished plan yet")
@@ -322,7 +332,7 @@ def pick(storage: str, name: str, limit: int) -> dict:
 
 def best_uniform(storage: str, name: str, limit: int) -> dict | None:
     """The staircase at ``limit``: the best polished uniform scheme within it (its point), or ``None``."""
-    study = _frozen(storage, name)
+    study = front_study(storage, name)
     fits = [t for t in study.get_trials(deepcopy=False, states=(DONE,)) if t.user_attrs.get("hull") and t.values[1] <= limit]
     if not fits:
         return None
@@ -332,18 +342,27 @@ def best_uniform(storage: str, name: str, limit: int) -> dict | None:
 
 def summary(storage: str, name: str) -> dict:
     """Front, hull, racing's steps, the score's correlations: what ``run``, ``search`` and the benchmark report."""
-    study = _frozen(storage, name)
+    study = front_study(storage, name)
     raced = [t for t in study.get_trials(deepcopy=False, states=(DONE, PRUNED)) if not t.user_attrs.get("hull")]
     spent = sum(t.user_attrs.get("steps") or 0 for t in raced)
     full = sum(t.user_attrs.get("steps_full") or 0 for t in raced)
-    return {"study": name, "front": front_points(storage, name),
-            "hull": [{"scheme": s, "kl_mean": kl, "bytes": b} for kl, b, s in hull_points(storage, name)],
+    return {"study": name, "front": points_of(study),
+            "hull": [{"scheme": s, "kl_mean": kl, "bytes": b} for kl, b, s in hull_of(study)],
             "racing": {"promoted": len(raced), "full_polishes": sum(t.state == DONE for t in raced),
                        "stopped": sum(t.state == PRUNED for t in raced), "steps": spent, "steps_if_all_full": full,
                        "steps_saved": full - spent},
             "score_fits": study.user_attrs.get("score_fits", [])}
 
 
+def save_pick(point: dict, name: str, out) -> None:
+    """The picked point's artifact (its sha256 checked as it loads) saved to ``out``, marked with its study and
+    trial: what ``run`` and ``pick`` write."""
+    from aqsearch.artifact import Artifact
+
+    art = Artifact.load(point["artifact"])
+    Artifact(art.plan, art.tensors, {**art.meta, "strategy": "study", "study": name, "trial": point["trial"]}).save(out)
+
+
 def study_info(storage: str, name: str) -> dict:
     """What the front study recorded of its job (model, budgets, weights count)."""
-    return dict(_frozen(storage, name).user_attrs["aqsearch"])
+    return dict(front_study(storage, name).user_attrs["aqsearch"])

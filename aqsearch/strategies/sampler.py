@@ -20,7 +20,6 @@ with one seed gives the same sequence of trials.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import optuna
@@ -28,17 +27,15 @@ from optuna.distributions import CategoricalDistribution
 from optuna.search_space import intersection_search_space
 
 from aqsearch.config import QuantScheme
+from aqsearch.models import split_unit as _where
 
 DONE = optuna.trial.TrialState.COMPLETE
 
 
 def scheme_cost(choice: str) -> float:
     """Bits a weight of a scheme (``fp16``: 16), the order the moves step along."""
-    try:
-        q = QuantScheme.parse(choice)
-    except Exception:
-        return 16.0
-    return q.bpw
+    q = _scheme(choice)
+    return 16.0 if q is None else q.bpw
 
 
 def feasible_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -130,15 +127,14 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
 
-def _where(unit: str) -> tuple[int | None, str | None]:
-    """``model.layers.3.down`` -> ``(3, "down")``; ``model.layers.3`` -> ``(3, None)``; others ``(None, None)``."""
-    m = re.search(r"\.(\d+)(?:\.(\w+))?$", unit)
-    return (int(m.group(1)), m.group(2)) if m else (None, None)
+def _scheme(choice) -> QuantScheme | None:
+    """The scheme of a choice (``None`` for ``fp16`` or anything that is not a scheme)."""
+    try:
+        return QuantScheme.parse(choice)
+    except Exception:
+        return None
 
 
 def _bits(choice) -> int | None:
-    """The bits of a scheme choice (``None`` for ``fp16`` or anything that is not a scheme)."""
-    try:
-        return QuantScheme.parse(choice).bits
-    except Exception:
-        return None
+    q = _scheme(choice)
+    return None if q is None else q.bits

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 import optuna
 
 from aqsearch.bank.core import build_plan
-from aqsearch.config import Plan
 from aqsearch.errors import AqError
 from aqsearch.memory import format_bytes
 from aqsearch.space import FULL, build_space
@@ -119,10 +118,9 @@ def _queue(study: optuna.Study, trials: int, warm: list[tuple[str, dict]]) -> No
         study.enqueue_trial({})
 
 
-def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=(), score=None) -> list[tuple[str, dict]]:
+def warm_starts(bank, space, job, config: StudyConfig, score=None) -> list[tuple[str, dict]]:
     """Knapsack choices on the fitted ``score`` at the job's budgets (or spread up to the limit), then the
-    uniform schemes (those within the limit first, largest first), then the plans given, then an earlier
-    study's trials."""
+    uniform schemes (those within the limit first, largest first)."""
     from aqsearch.strategies.knapsack import knapsack_choice
 
     emb = {u.name: FULL for u in space.units if u.choices[0] == FULL}
@@ -139,24 +137,36 @@ def warm_starts(bank, space, job, config: StudyConfig, plans=(), earlier=(), sco
         common = sorted(set.intersection(*(set(u.choices) for u in bank.units)),
                         key=lambda c: (bank.bytes(bank.space.uniform(c)) > job.limit, -bank.bytes(bank.space.uniform(c))))
         out += [(f"uniform {c}", {**emb, **bank.space.uniform(c)}) for c in common]
-    out += [(f"plan {p}", space.choice_of(Plan.load(p))) for p in plans]
-    out += [(f"earlier trial {t.number}", dict(t.params)) for t in earlier if set(t.params) == {u.name for u in space.units}]
     return out
+
+
+def held_info(storage: str, name: str) -> dict | None:
+    """What an existing study ``name`` recorded of its job (``None``: no such study); a study aqsearch did not
+    make is refused (one line)."""
+    st = make_storage(storage)
+    if name not in optuna.get_all_study_names(st):
+        return None
+    held = optuna.load_study(study_name=name, storage=st).user_attrs.get("aqsearch")
+    if held is None:
+        raise AqError(f"study {name!r} in the storage was not made by aqsearch; use another --study name")
+    return held
+
+
+def other_settings(name: str, diff: list[str]) -> AqError:
+    """The one line for a study resumed with settings other than it was made with (``diff``: what differs)."""
+    return AqError(f"study {name!r} in the storage was made with other settings ({', '.join(diff)} differ); "
+                   "use another --study name, or the settings it was made with")
 
 
 def check_resumable(job, storage: str, name: str, limit: int) -> None:
     """Before any work: a study of this name that exists must have been made for this job and budget."""
-    if name not in optuna.get_all_study_names(make_storage(storage)):
-        return
-    held = optuna.load_study(study_name=name, storage=make_storage(storage)).user_attrs.get("aqsearch")
+    held = held_info(storage, name)
     if held is None:
-        raise AqError(f"study {name!r} in the storage was not made by aqsearch; use another --study name")
+        return
     mine = json.loads(json.dumps(job.describe()))
     if held.get("job") != mine or held.get("budget_bytes") != limit:
         diff = [k for k in mine if (held.get("job") or {}).get(k) != mine[k]]
-        diff += ["budget"] if held.get("budget_bytes") != limit else []
-        raise AqError(f"study {name!r} in the storage was made with other settings ({', '.join(diff)} differ); "
-                      "use another --study name, or the settings it was made with")
+        raise other_settings(name, diff + (["budget"] if held.get("budget_bytes") != limit else []))
 
 
 def open_study(job, storage: str, name: str, config: StudyConfig, space, limit: int, create: bool = True) -> optuna.Study:
@@ -175,8 +185,7 @@ def open_study(job, storage: str, name: str, config: StudyConfig, space, limit: 
 
 
 def run_study(job, bank, storage: str, name: str, trials: int, config: StudyConfig = StudyConfig(),
-              limit: int | None = None, workers: int = 1, warm_plans=(), warm_study: str | None = None,
-              score=None) -> optuna.Study:
+              limit: int | None = None, workers: int = 1, score=None) -> optuna.Study:
     """Create or continue a study over a built bank and run trials until its queue is empty. ``score``: the
     fitted :class:`~aqsearch.bank.score.Score` (default: unfitted, the composed sum of bank errors)."""
     from aqsearch.bank.score import Score
@@ -195,8 +204,7 @@ def run_study(job, bank, storage: str, name: str, trials: int, config: StudyConf
     if bank.store is not None:
         study.set_user_attr("bank", {"storage": bank.store.safe_url, "key": bank.key})
     if not [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]:
-        earlier = load_study(storage, warm_study).get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if warm_study else []
-        _queue(study, trials, warm_starts(bank, space, job, config, warm_plans, earlier, score))
+        _queue(study, trials, warm_starts(bank, space, job, config, score))
     else:
         _queue(study, trials, [])
     handle = None
@@ -256,14 +264,6 @@ def score_front(storage: str, name: str) -> list[dict]:
     return sorted(({"trial": t.number, "score": t.values[0], "bytes": int(t.values[1]), "kl_mean": None,
                     "warm_start": t.user_attrs.get("warm_start"), "polished": False} for t in study.best_trials),
                   key=lambda p: p["bytes"])
-
-
-def study_info(storage: str, name: str) -> dict:
-    """What the study recorded of its job (model, data, budget, weights count)."""
-    info = load_study(storage, name).user_attrs.get("aqsearch")
-    if not info:
-        raise AqError(f"study {name!r} was not made by aqsearch search (it records no model size)")
-    return info
 
 
 def study_names(storage: str) -> list[str]:
