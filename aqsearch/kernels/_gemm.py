@@ -74,7 +74,7 @@ def _gather_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_
 @triton.jit
 def _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm, k_start, k_end,
                  BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr, BK: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, F16W: tl.constexpr = False):
     """Swapped operands: ``acc[BN, BM] += W^T[BN, BK] @ x^T[BK, BM]`` (out transposed).
 
     Each packed word is loaded once, as a ``[BN, BK // per_word]`` block with N contiguous (16-byte
@@ -83,6 +83,7 @@ def _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_
     the "swap AB" of small-batch kernels such as Marlin's and triton_kernels' matmul_ogs). 3 bits:
     both planes in one pass; the unpacked order is ``(pair row, j, half)``, and x is loaded in that
     same permuted K order (a dot's sum is order-free), so no register shuffle is needed.
+    ``F16W``: the tile built in fp16 as in ``_kn_loop`` (``0x6400 | q``), to the bit the same weight.
     Needs ``BK <= GROUP`` (one scale and zero a column a tile).
     """
     t = tl.arange(0, BK)
@@ -112,12 +113,18 @@ def _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_
             kk = k0 + t
         xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=mmask[None, :] & (kk < K)[:, None], other=0.0)
         gi = k0 // GROUP
-        s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)
         z = group_zero(z_ptr, gi, N, ZW, rn, nmask, BITS, ZMODE, False)
-        # 2**23 + q exactly (magic-number int -> float, FIELD-NOTES), minus 2**23 + z: q - z exact, * s
-        # rounds once: the reference's weight to the bit
-        qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[:, None]
-        acc = _dot(acc, (qf * s[:, None]).to(x_ptr.dtype.element_ty), xt, DOT_F32)
+        if F16W:
+            s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float16)
+            qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
+            wt = (qh - (z + 1024.0).to(tl.float16)[:, None]) * s[:, None]
+        else:
+            s = tl.load(s_ptr + gi * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            # 2**23 + q exactly (magic-number int -> float, FIELD-NOTES), minus 2**23 + z: q - z exact, * s
+            # rounds once: the reference's weight to the bit
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[:, None]
+            wt = (qf * s[:, None]).to(x_ptr.dtype.element_ty)
+        acc = _dot(acc, wt, xt, DOT_F32)
     return acc
 
 
@@ -175,7 +182,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     """``out = x @ W``; grid ``(cdiv(M, BM) * cdiv(N, BN), n_split)``, tiles in GROUP_M-row bands.
 
     ``PACKED`` picks the load-once, swapped-operand loop (``_packed_loop``) over the gather loop;
-    ``KN`` the large-M loop (``_kn_loop``, words loaded once, not swapped; ``F16W``: the tile built in fp16).
+    ``KN`` the large-M loop (``_kn_loop``, words loaded once, not swapped); ``F16W``: either loop builds
+    the tile in fp16.
     ``DOT_F32`` runs the dot on fp32 copies of its operands: for fp32 activations, and under the CPU
     interpreter for bf16 (its bf16 ``tl.dot`` returns garbage, FIELD-NOTES). The operands are bf16
     values either way (the weight tile is rounded to bf16 first), so the products are the same exact
@@ -199,7 +207,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     if PACKED:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
         acc = _packed_loop(acc, x_ptr, w_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, K, N, n_lo, ZW, stride_xm,
-                           k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32)
+                           k_start, k_end, BITS, GROUP, ZMODE, BK, DOT_F32, F16W)
         tile_store(tl.trans(acc), out_ptr, ws_ptr, lock_ptr, pid_m * num_n + pid_n, pid_k, n_split, M, N, rm, rn,
                    stride_om, BM, BN, USE_WS)
     elif KN:

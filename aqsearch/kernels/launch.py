@@ -11,7 +11,8 @@ half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; ``"pk": True``: the f16x2 inline
 along K, ``"num_stages"`` a pipelined K loop, ``"pdl"`` / ``"late"`` / ``"pf"`` programmatic dependent launch;
 otherwise, and for bf16 x, the fp32 one),
 ``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``
-(``"kn": True`` instead of ``packed``: the large-M loop, words loaded once, fp16 tile for fp16 x),
+(``"kn": True`` instead of ``packed``: the large-M loop, words loaded once, fp16 tile for fp16 x;
+``"f16w": True`` with ``packed``: that fp16 tile in the swapped loop),
 ``{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 2048}`` (then cuBLAS; ``chunk``:
 columns dequantized at a time into one reused buffer that stays in L2, 0 for all at once).
 
@@ -192,7 +193,7 @@ def gemm(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     kn = bool(cfg.get("kn", False)) and not packed
     if (packed or kn) and (bk > g or g % bk or (bits == 3 and bk % 32)):
         raise ValueError(f"the packed and kn GEMM loops need BK | group (and 32 | BK at 3 bits): BK={bk}, group={g}")
-    f16w = kn and x.dtype == torch.float16 and zm != 1 and not dot_f32
+    f16w = (kn or (packed and cfg.get("f16w", False))) and x.dtype == torch.float16 and zm != 1 and not dot_f32
     _gemm.gemm_kernel[(n_tiles, n_split)](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         m, n, k, n_lo, zw, x.stride(0), out.stride(0), per, n_split,

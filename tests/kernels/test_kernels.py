@@ -185,14 +185,18 @@ def test_gemm_kn_large_m_loop(bits, dtype, zeros):
         check(out, (x.cpu().double() @ w.double().t()).float(), 1e-2)
 
 
-@pytest.mark.parametrize("bits", (2, 4, 8))
-def test_gemm_kn_tile_is_the_reference_weight_to_the_bit(bits):
-    """With x = the identity rows, the fp16 tile the kn loop builds is the reference's weight exactly."""
+@pytest.mark.parametrize("loop", ("kn", "packed-f16w"))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_gemm_kn_tile_is_the_reference_weight_to_the_bit(bits, loop):
+    """With x = the identity rows, the fp16 tile the kn loop (and the swapped loop's ``f16w`` tile) builds
+    is the reference's weight exactly."""
     n, k = 64, 128
     group = 64
     qw, s, z = make(n, k, bits, group)
     x = torch.eye(k, dtype=torch.float16, device=DEVICE)[:32]
-    out = launch.gemm(x, qw, s, z, bits, group, k, {"BM": 32, "BN": 32, "BK": 64, "split": 1, "kn": True})
+    cfg = {"BM": 32, "BN": 32, "BK": 64, "split": 1}
+    cfg.update({"kn": True} if loop == "kn" else {"packed": True, "f16w": True})
+    out = launch.gemm(x, qw, s, z, bits, group, k, cfg)
     ref = reference.dequantize_kn(qw.cpu(), s.cpu(), z.cpu(), bits, group, k, torch.float16)[:32]
     assert torch.equal(out.cpu(), ref)
 

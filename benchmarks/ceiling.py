@@ -1,0 +1,272 @@
+"""What any Triton kernel reaches at issue 21's shapes, so a missed target is measured against a ceiling.
+
+Two questions, each answered by a kernel that does *less* work than ours, timed exactly as ``matmul.py``
+times (CUDA-graph replays over rotating copies holding > 3x the L2):
+
+- ``--m1``: how fast can a Triton kernel *read* the packed weight of an M = 1 GEMV? ``_read`` loads the
+  words ``[K / per_word, N]`` in ``[BR, BN]`` tiles with split-K programs, XORs them (one ALU instruction a
+  32-bit word, no x, no scales, no split-K reduction) and writes one partial row a program. Its best time
+  over a grid of tiles, stages and programs an SM is the floor under any GEMV over the same bytes. A torch
+  reduction (``sum`` over K of the words, not Triton) is a second, independent reader; our GEMV with the shipped config runs beside them.
+- ``--gemm``: how close does a Triton fp16 GEMM with *no* dequantization come to cuBLAS at M = 1024 and
+  4096? ``_mm`` (pointer loads, cp.async pipeline) and ``_mm_tma`` (tensor descriptors) over Hopper's usual
+  tiles. A fused dequantize-GEMM does this GEMM's work plus the dequantization, so it cannot pass the best
+  of them. Beside them, our fused loops at large tiles: ``kn`` and the swapped ``packed`` loop with the fp16
+  tile (``f16w``, the weight as the MMA's first operand).
+
+Every timed kernel's output is checked (the XOR against numpy's, the GEMMs against torch's fp32 matmul).
+
+    python benchmarks/ceiling.py --m1 --gemm --out benchmarks/results/ceiling.jsonl   # ~4 min on an H100
+    TRITON_INTERPRET=1 python benchmarks/ceiling.py --m1 --gemm --dry-run --out /tmp/c.jsonl  # CPU: it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from matmul import copy_bandwidth, device, graph_time, n_copies, nbytes, problem  # noqa: E402
+
+M1_SHAPES = ((8192, 8192), (4096, 14336))
+GEMM_SHAPES = ((8192, 8192), (4096, 14336), (14336, 4096))
+# (BM, BN, BK, stages, warps): Hopper's usual fp16 tiles (Triton's matmul tutorials)
+MM_CFGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
+           (128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (64, 256, 64, 4, 4))
+# swapped fused loop (weight rows BN x tokens BM), fp16 tile: (BM, BN, BK, stages, warps)
+PACKED_CFGS = ((128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
+               (64, 256, 64, 4, 8), (128, 128, 128, 3, 8))
+KN_CFGS = ((128, 128, 64, 4, 4), (256, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8))
+
+
+@triton.jit
+def _read(w_ptr, out_ptr, N, R, rows_per, BN: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr):
+    """``out[pid_k, n] = XOR of w[r, n]`` over this program's rows (N % BN == 0)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = tl.max_contiguous(tl.multiple_of(pid_n * BN + tl.arange(0, BN), BN), BN)
+    r0 = pid_k * rows_per
+    r1 = tl.minimum(R, r0 + rows_per)
+    acc = tl.zeros([BR, BN], dtype=tl.int32)
+    for r in tl.range(r0, r1, BR, num_stages=STAGES):
+        rr = r + tl.arange(0, BR)
+        acc ^= tl.load(w_ptr + rr[:, None] * N + rn[None, :], mask=(rr < r1)[:, None], other=0)
+    tl.store(out_ptr + pid_k * N + rn, tl.xor_sum(acc, 0))
+
+
+@triton.jit
+def _mm(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    """``c[M, N] = a[M, K] @ b[N, K]^T``, fp16 in and out, fp32 accumulation (M, N, K multiples of the tile)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    rm = tl.max_contiguous(tl.multiple_of(pid_m * BM + tl.arange(0, BM), BM), BM)
+    rn = tl.max_contiguous(tl.multiple_of(pid_n * BN + tl.arange(0, BN), BN), BN)
+    rk = tl.arange(0, BK)
+    a = a_ptr + rm[:, None] * K + rk[None, :]
+    b = b_ptr + rn[None, :] * K + rk[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for _ in tl.range(0, K, BK, num_stages=STAGES):
+        acc = tl.dot(tl.load(a), tl.load(b), acc)
+        a += BK
+        b += BK
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16))
+
+
+@triton.jit
+def _mm_tma(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    """``_mm`` with tensor descriptors (TMA loads and store)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in tl.range(0, K, BK, num_stages=STAGES):
+        acc = tl.dot(a_desc.load([pid_m * BM, k]), b_desc.load([pid_n * BN, k]).T, acc)
+    c_desc.store([pid_m * BM, pid_n * BN], acc.to(tl.float16))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--m1", action="store_true", help="the read ceiling of the M = 1 GEMV")
+    ap.add_argument("--gemm", action="store_true", help="the Triton fp16 GEMM ceiling at M = 1024 / 4096")
+    ap.add_argument("--ms", default="1024,4096")
+    ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
+    ap.add_argument("--run", default="")
+    args = ap.parse_args(argv)
+    from aqsearch.bench import append_result
+    from aqsearch.kernels import dispatch, launch, reference
+
+    dev = device()
+    dry = args.dry_run or dev == "cpu"
+    props = torch.cuda.get_device_properties(0) if dev == "cuda" else None
+    l2 = props.L2_cache_size if props else 1 << 20
+    sms = props.multi_processor_count if props else 4
+    bw = copy_bandwidth()
+    meta = {"bench": "ceiling", "run": args.run, "copy_gbps": round(bw, 1)}
+    print(f"{props.name if props else 'CPU (dry run)'}: copy {bw:.0f} GB/s, {sms} SMs", flush=True)
+    if dev == "cuda":
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
+
+    def timed(calls):
+        try:
+            return graph_time(calls) * 1e6, None
+        except Exception as e:  # a config that does not compile or run is recorded, not fatal
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+    if args.m1:
+        shapes = ((256, 512),) if dry else M1_SHAPES
+        grid = ([(256, 8, 1, 1)] if dry else
+                [(bn, br, st, per) for bn in (256, 512, 1024) for br in (8, 16, 32) for st in (1, 3)
+                 for per in (1, 2, 4, 8)])
+        for k, n in shapes:
+            for bits in (int(b) for b in args.bits.split(",")):
+                qw, _, _ = problem(k, n, bits, 128)
+                r = qw.shape[0]
+                wb = nbytes(qw)
+                copies = [qw] + [qw.clone() for _ in range(n_copies(wb, l2) - 1)]
+                want = np.bitwise_xor.reduce(qw.cpu().numpy(), axis=0)
+                pts = []
+                for bn, br, st, per in grid:
+                    if n % bn:
+                        continue
+                    split = max(1, min(-(-r // br), (per * sms) // (n // bn)))
+                    rows_per = -(-(-(-r // split)) // br) * br
+                    split = -(-r // rows_per)
+                    out = torch.empty(split, n, dtype=torch.int32, device=dev)
+                    fn = lambda w, out=out, bn=bn, br=br, st=st, rows_per=rows_per, split=split: _read[(n // bn, split)](
+                        w, out, n, r, rows_per, BN=bn, BR=br, STAGES=st, num_warps=4 if bn * br >= 4096 else 2)
+                    us, err = timed([lambda w=w, fn=fn: fn(w) for w in copies])
+                    if us is None:
+                        pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "error": err})
+                        continue
+                    ok = np.array_equal(np.bitwise_xor.reduce(out.cpu().numpy(), axis=0), want)
+                    pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "split": split, "us": round(us, 3),
+                                "correct": bool(ok)})
+                good = [p for p in pts if p.get("correct")]
+                best = min(good, key=lambda p: p["us"])
+                # a non-Triton reader: torch's reduction over K of the same words
+                tus, _ = timed([lambda w=w: w.sum(0) for w in copies])
+                # our GEMV with this GPU's shipped config (or the first candidate), on a weight of these bytes
+                _, s, z = problem(k, n, bits, 128)
+                x1 = torch.randn(1, k, device=dev, dtype=torch.float16)
+                o1 = torch.empty(1, n, device=dev, dtype=torch.float16)
+                cfg = (dispatch.choose(x1, qw, s, z, bits, 128, k, tune=False) if dev == "cuda"
+                       else dispatch.candidates(1, n, k, bits, 128, sms)[0])
+                qb = nbytes(qw, s, z)
+                sz = [(s, z)] + [(s.clone(), z.clone()) for _ in range(len(copies) - 1)]
+                ous, _ = timed([lambda w=w, q=q: launch.run(x1, w, q[0], q[1], bits, 128, k, cfg, out=o1)
+                                for w, q in zip(copies, sz)])
+                oerr = reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, cfg, out=o1).float(),
+                                         x1.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32))
+                row = {**meta, "series": "m1_read", "K": k, "N": n, "bits": bits, "weight_bytes": wb,
+                       "best": best, "best_gbps": round(wb / best["us"] / 1e3, 1),
+                       "best_frac_copy": round(wb / best["us"] / 1e3 / bw, 4), "torch_sum_us": tus and round(tus, 3),
+                       "torch_sum_frac_copy": tus and round(wb / tus / 1e3 / bw, 4),
+                       "ours": {"config": cfg, "us": ous and round(ous, 3), "bytes": qb, "rel_err": round(oerr, 7),
+                                "frac_copy": ous and round(qb / ous / 1e3 / bw, 4)}, "points": pts}
+                append_result(args.out, row)
+                print(f"read {k}x{n} w{bits} ({wb / 1e6:.1f} MB): best Triton {best['us']:.2f} us = "
+                      f"{row['best_frac_copy']:.1%} of copy ({best['BN']}x{best['BR']} st{best['stages']} "
+                      f"{best['per_sm']}/SM split {best['split']}); torch sum {tus and round(tus, 2)} us = "
+                      f"{row['torch_sum_frac_copy'] and round(100 * row['torch_sum_frac_copy'], 1)} %; our GEMV "
+                      f"{ous and round(ous, 2)} us = {row['ours']['frac_copy']} of copy (words + scales + zeros)",
+                      flush=True)
+                del copies
+
+    if args.gemm:
+        shapes = ((128, 256),) if dry else GEMM_SHAPES
+        ms = (64,) if dry else tuple(int(m) for m in args.ms.split(","))
+        mm_cfgs = ((32, 32, 32, 1, 4),) if dry else MM_CFGS
+        for k, n in shapes:
+            w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+            ws = [w16] + [w16.clone() for _ in range(n_copies(nbytes(w16), l2) - 1)]
+            for m in ms:
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                c = torch.empty(m, n, device=dev, dtype=torch.float16)
+                ref = x.float() @ w16.float().t()
+                cub, _ = timed([lambda w=w: torch.matmul(x, w.t(), out=c) for w in ws])
+                res = []
+                for kern, name in ((_mm, "triton_fp16"), (_mm_tma, "triton_fp16_tma")):
+                    if dry and name.endswith("tma"):
+                        continue
+                    for bm, bn, bk, st, nw in mm_cfgs:
+                        grid = (-(-m // bm) * -(-n // bn),)
+                        fn = lambda w, kern=kern, bm=bm, bn=bn, bk=bk, st=st, nw=nw, grid=grid: kern[grid](
+                            x, w, c, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=st, num_warps=nw, num_stages=st)
+                        us, err = timed([lambda w=w, fn=fn: fn(w) for w in ws])
+                        cfg = {"BM": bm, "BN": bn, "BK": bk, "stages": st, "warps": nw}
+                        if us is None:
+                            res.append({"kernel": name, **cfg, "error": err})
+                            continue
+                        fn(w16)
+                        e = reference.rel_err(c.float(), ref)
+                        res.append({"kernel": name, **cfg, "us": round(us, 3), "x_cublas": round(cub / us, 4),
+                                    "rel_err": round(e, 7)})
+                del ref
+                # our fused loops on a w4 weight of the same shape, and dequantize-then-cuBLAS
+                qw, s, z = problem(k, n, 4, 128)
+                wb = nbytes(qw, s, z)
+                qcopies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
+                qref = x.float() @ reference.dequantize_kn(qw, s, z, 4, 128, k, torch.float32)
+                fused = ([{"path": "gemm", "packed": True, "f16w": True, "BM": 16, "BN": 32, "BK": 32, "split": 1}]
+                         if dry else
+                         [{"path": "gemm", "packed": True, "f16w": True, "BM": bm, "BN": bn, "BK": bk,
+                           "num_stages": st, "num_warps": nw, "split": 1} for bm, bn, bk, st, nw in PACKED_CFGS]
+                         + [{"path": "gemm", "kn": True, "BM": bm, "BN": bn, "BK": bk, "num_stages": st,
+                             "num_warps": nw, "split": 1} for bm, bn, bk, st, nw in KN_CFGS]
+                         + [{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 0}])
+                for cfg in fused:
+                    name = "dequant_cublas" if cfg["path"] == "dequant" else ("packed_f16w" if cfg.get("packed")
+                                                                              else "kn")
+                    us, err = timed([lambda q=q, cfg=cfg: launch.run(x, q[0], q[1], q[2], 4, 128, k, cfg, out=c)
+                                     for q in qcopies])
+                    if us is None:
+                        res.append({"kernel": name, **cfg, "error": err})
+                        continue
+                    launch.run(x, qw, s, z, 4, 128, k, cfg, out=c)
+                    e = reference.rel_err(c.float(), qref)
+                    res.append({"kernel": name, **cfg, "us": round(us, 3), "x_cublas": round(cub / us, 4),
+                                "rel_err": round(e, 7)})
+                del qcopies, qref
+                best = {}
+                for r_ in res:
+                    if "us" in r_ and r_["rel_err"] < 1e-2 and (r_["kernel"] not in best
+                                                               or r_["us"] < best[r_["kernel"]]["us"]):
+                        best[r_["kernel"]] = r_
+                append_result(args.out, {**meta, "series": "gemm", "M": m, "K": k, "N": n, "cublas_us": round(cub, 3),
+                                         "best": best, "points": res})
+                print(f"gemm M={m} {k}x{n}: cuBLAS {cub:.1f} us; " + "; ".join(
+                    f"{kk} {v['us']:.1f} us x{v['x_cublas']:.2f}" for kk, v in best.items()), flush=True)
+                for r_ in res:
+                    if "error" in r_:
+                        print(f"  failed: {r_}", flush=True)
+            del ws
+
+
+if __name__ == "__main__":
+    main()
