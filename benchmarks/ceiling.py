@@ -36,6 +36,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from matmul import copy_bandwidth, device, graph_time, n_copies, nbytes, problem  # noqa: E402
 
+from aqsearch.kernels._tl_common import splitk_reduce  # noqa: E402
+
 M1_SHAPES = ((8192, 8192), (4096, 14336))
 GEMM_SHAPES = ((8192, 8192), (4096, 14336), (14336, 4096))
 # (BM, BN, BK, stages, warps): Hopper's usual fp16 tiles (Triton's matmul tutorials)
@@ -48,8 +50,11 @@ KN_CFGS = ((128, 128, 64, 4, 4), (256, 128, 64, 3, 8), (128, 256, 64, 3, 8), (12
 
 
 @triton.jit
-def _read(w_ptr, out_ptr, N, R, rows_per, BN: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr):
-    """``out[pid_k, n] = XOR of w[r, n]`` over this program's rows (N % BN == 0)."""
+def _read(w_ptr, out_ptr, N, R, rows_per, ws_ptr, lock_ptr, BN: tl.constexpr, BR: tl.constexpr,
+          STAGES: tl.constexpr, REDUCE: tl.constexpr = False):
+    """``out[pid_k, n] = XOR of w[r, n]`` over this program's rows (N % BN == 0). ``REDUCE``: the same
+    XOR as an fp32 value through our GEMVs' split-K epilogue (workspace, counter, the last program sums
+    into ``out[0]``), to time that epilogue alone."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = tl.max_contiguous(tl.multiple_of(pid_n * BN + tl.arange(0, BN), BN), BN)
@@ -59,7 +64,11 @@ def _read(w_ptr, out_ptr, N, R, rows_per, BN: tl.constexpr, BR: tl.constexpr, ST
     for r in tl.range(r0, r1, BR, num_stages=STAGES):
         rr = r + tl.arange(0, BR)
         acc ^= tl.load(w_ptr + rr[:, None] * N + rn[None, :], mask=(rr < r1)[:, None], other=0)
-    tl.store(out_ptr + pid_k * N + rn, tl.xor_sum(acc, 0))
+    if REDUCE:
+        tl.store(ws_ptr + pid_k * N + rn, tl.xor_sum(acc, 0).to(tl.float32), cache_modifier=".wt")
+        splitk_reduce(out_ptr, ws_ptr, lock_ptr, pid_n, tl.num_programs(1), 1, N, tl.arange(0, 1), rn, N, 1, BN)
+    else:
+        tl.store(out_ptr + pid_k * N + rn, tl.xor_sum(acc, 0))
 
 
 @triton.jit
@@ -159,7 +168,8 @@ def main(argv=None) -> None:
                     split = -(-r // rows_per)
                     out = torch.empty(split, n, dtype=torch.int32, device=dev)
                     fn = lambda w, out=out, bn=bn, br=br, st=st, rows_per=rows_per, split=split: _read[(n // bn, split)](
-                        w, out, n, r, rows_per, BN=bn, BR=br, STAGES=st, num_warps=4 if bn * br >= 4096 else 2)
+                        w, out, n, r, rows_per, out, out, BN=bn, BR=br, STAGES=st,
+                        num_warps=4 if bn * br >= 4096 else 2)
                     us, err = timed([lambda w=w, fn=fn: fn(w) for w in copies])
                     if us is None:
                         pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "error": err})
@@ -169,6 +179,22 @@ def main(argv=None) -> None:
                                 "correct": bool(ok)})
                 good = [p for p in pts if p.get("correct")]
                 best = min(good, key=lambda p: p["us"])
+                # the best reader again with the split-K epilogue: what that epilogue costs
+                bn, br, st, split = best["BN"], best["BR"], best["stages"], best["split"]
+                rows_per = -(-r // split)
+                rows_per = -(-rows_per // br) * br
+                ws = torch.empty(split, n, dtype=torch.float32, device=dev)
+                lock = torch.zeros(n // bn, dtype=torch.int32, device=dev)
+                red = torch.empty(1, n, dtype=torch.float32, device=dev)
+                fn = lambda w: _read[(n // bn, split)](w, red, n, r, rows_per, ws, lock, BN=bn, BR=br, STAGES=st,
+                                                       REDUCE=True, num_warps=4 if bn * br >= 4096 else 2)
+                rus, rerr = timed([lambda w=w: fn(w) for w in copies])
+                fn(qw)
+                wsum = sum(np.bitwise_xor.reduce(qw[i * rows_per:(i + 1) * rows_per].cpu().numpy(), axis=0)
+                           .astype(np.float64) for i in range(split))
+                best["reduce_us"] = rus and round(rus, 3)
+                # the partials are fp32 roundings of integers up to 2**31 (an ulp of 256 there)
+                best["reduce_correct"] = bool(np.allclose(red.cpu().numpy()[0], wsum, rtol=0, atol=1024.0 * split))
                 # a non-Triton reader: torch's reduction over K of the same words
                 tus, _ = timed([lambda w=w: w.sum(0) for w in copies])
                 # our GEMV with this GPU's shipped config (or the first candidate), on a weight of these bytes
@@ -192,7 +218,8 @@ def main(argv=None) -> None:
                 append_result(args.out, row)
                 print(f"read {k}x{n} w{bits} ({wb / 1e6:.1f} MB): best Triton {best['us']:.2f} us = "
                       f"{row['best_frac_copy']:.1%} of copy ({best['BN']}x{best['BR']} st{best['stages']} "
-                      f"{best['per_sm']}/SM split {best['split']}); torch sum {tus and round(tus, 2)} us = "
+                      f"{best['per_sm']}/SM split {best['split']}; with the split-K epilogue {best['reduce_us']} us, "
+                      f"correct {best['reduce_correct']}); torch sum {tus and round(tus, 2)} us = "
                       f"{row['torch_sum_frac_copy'] and round(100 * row['torch_sum_frac_copy'], 1)} %; our GEMV "
                       f"{ous and round(ous, 2)} us = {row['ours']['frac_copy']} of copy (words + scales + zeros)",
                       flush=True)

@@ -70,8 +70,11 @@ _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4)
 # The same kernel with a tile's word rows (3 bits: 32-code steps) dealt to KW warps (``kw``): the grid above, KW times
 # the warps (the one-warp programs issue every 5 cycles a warp, ~2 warps a scheduler: Nsight Compute, issue 21).
 # (BN, KW, BKS cap, programs an SM, stages; stages 1: the register-only loop).
+# The last five: 512 columns, one or two programs an SM, the shape of the fastest Triton reader of the same words
+# (``benchmarks/ceiling.py --m1``: 84.5 % of copy at 8192x8192 w4, BN 512, 16 word rows a tile, 3 stages, 1 an SM).
 _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (256, 4, 128, 4, 3),
-               (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1))
+               (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1),
+               (512, 4, 128, 1, 3), (512, 4, 128, 2, 3), (512, 8, 128, 1, 3), (512, 8, 128, 2, 3), (512, 4, 128, 4, 1))
 # Measured and dropped (issue 21, H100, run nine): narrow tiles with 8-16 warps along K and split-K 1-2 (BN 32-128,
 # kw 8/16), to shed the split-K epilogue: 18.5-45 us at 8192x8192 against 12.8-28 us for the winners (BN 32 worst).
 # The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
