@@ -6,7 +6,9 @@ times (CUDA-graph replays over rotating copies holding > 3x the L2):
 - ``--m1``: how fast can a Triton kernel *read* the packed weight of an M = 1 GEMV? ``_read`` loads the
   words ``[K / per_word, N]`` in ``[BR, BN]`` tiles with split-K programs, XORs them (one ALU instruction a
   32-bit word, no x, no scales, no split-K reduction) and writes one partial row a program. Its best time
-  over a grid of tiles, stages and programs an SM is the floor under any GEMV over the same bytes. A torch
+  over a grid of tiles, stages and programs an SM is the floor under any GEMV over the same bytes; the best
+  tile again with our split-K epilogue (``splitk_reduce``) times that epilogue; narrow tiles with no split-K
+  (one program a column block, the whole K) show what a GEMV without that epilogue could stream. A torch
   reduction (``sum`` over K of the words, not Triton) is a second, independent reader; our GEMV with the shipped config runs beside them.
 - ``--gemm``: how close does a Triton fp16 GEMM with *no* dequantization come to cuBLAS at M = 1024 and
   4096? ``_mm`` (pointer loads, cp.async pipeline) and ``_mm_tma`` (tensor descriptors) over Hopper's usual
@@ -149,9 +151,12 @@ def main(argv=None) -> None:
 
     if args.m1:
         shapes = ((256, 512),) if dry else M1_SHAPES
-        grid = ([(256, 8, 1, 1)] if dry else
+        # (BN, BR word rows, stages, programs an SM; 0: no split-K, one program a BN columns)
+        grid = ([(256, 8, 1, 1), (64, 32, 3, 0)] if dry else
                 [(bn, br, st, per) for bn in (256, 512, 1024) for br in (8, 16, 32) for st in (1, 3)
-                 for per in (1, 2, 4, 8)])
+                 for per in (1, 2, 4, 8)]
+                + [(bn, br, st, 0) for bn in (32, 64, 128) for br in (32, 64, 128) for st in (3, 4, 6)
+                   if st * bn * br * 4 <= 160 << 10])
         for k, n in shapes:
             for bits in (int(b) for b in args.bits.split(",")):
                 qw, _, _ = problem(k, n, bits, 128)
@@ -163,7 +168,7 @@ def main(argv=None) -> None:
                 for bn, br, st, per in grid:
                     if n % bn:
                         continue
-                    split = max(1, min(-(-r // br), (per * sms) // (n // bn)))
+                    split = max(1, min(-(-r // br), (per * sms) // (n // bn))) if per else 1
                     rows_per = -(-(-(-r // split)) // br) * br
                     split = -(-r // rows_per)
                     out = torch.empty(split, n, dtype=torch.int32, device=dev)
@@ -178,6 +183,7 @@ def main(argv=None) -> None:
                     pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "split": split, "us": round(us, 3),
                                 "correct": bool(ok)})
                 good = [p for p in pts if p.get("correct")]
+                nosplit = min((p for p in good if p["per_sm"] == 0), key=lambda p: p["us"], default=None)
                 best = min(good, key=lambda p: p["us"])
                 # the best reader again with the split-K epilogue: what that epilogue costs
                 bn, br, st, split = best["BN"], best["BR"], best["stages"], best["split"]
@@ -207,21 +213,35 @@ def main(argv=None) -> None:
                 sz = [(s, z)] + [(s.clone(), z.clone()) for _ in range(len(copies) - 1)]
                 ous, _ = timed([lambda w=w, q=q: launch.run(x1, w, q[0], q[1], bits, 128, k, cfg, out=o1)
                                 for w, q in zip(copies, sz)])
-                oerr = reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, cfg, out=o1).float(),
-                                         x1.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32))
+                ref1 = x1.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
+                # our GEMV with no split-K: narrow column blocks, warps along K, the whole K a program
+                nos = []
+                for bn_, kw_, st_ in ([(32, 2, 3)] if dry else
+                                      [(b_, w_, t_) for b_ in (64, 128) for w_ in (4, 8) for t_ in (3, 4)]):
+                    c_ = {"path": "gemv", "pk": True, "BN": bn_, "BKS": 64 if dry else 128, "num_warps": kw_,
+                          "kw": kw_, "split": 1, "num_stages": st_}
+                    u_, e_ = timed([lambda w=w, q=q, c_=c_: launch.run(x1, w, q[0], q[1], bits, 128, k, c_, out=o1)
+                                    for w, q in zip(copies, sz)])
+                    r_ = u_ and reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, c_, out=o1).float(), ref1)
+                    nos.append({**c_, "us": u_ and round(u_, 3), "rel_err": r_ and round(r_, 7), "error": e_})
+                oerr = reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, cfg, out=o1).float(), ref1)
                 row = {**meta, "series": "m1_read", "K": k, "N": n, "bits": bits, "weight_bytes": wb,
-                       "best": best, "best_gbps": round(wb / best["us"] / 1e3, 1),
+                       "best": best, "best_gbps": round(wb / best["us"] / 1e3, 1), "best_no_split": nosplit,
+                       "no_split_frac_copy": nosplit and round(wb / nosplit["us"] / 1e3 / bw, 4),
                        "best_frac_copy": round(wb / best["us"] / 1e3 / bw, 4), "torch_sum_us": tus and round(tus, 3),
                        "torch_sum_frac_copy": tus and round(wb / tus / 1e3 / bw, 4),
                        "ours": {"config": cfg, "us": ous and round(ous, 3), "bytes": qb, "rel_err": round(oerr, 7),
-                                "frac_copy": ous and round(qb / ous / 1e3 / bw, 4)}, "points": pts}
+                                "frac_copy": ous and round(qb / ous / 1e3 / bw, 4)}, "ours_no_split": nos,
+                       "points": pts}
                 append_result(args.out, row)
                 print(f"read {k}x{n} w{bits} ({wb / 1e6:.1f} MB): best Triton {best['us']:.2f} us = "
                       f"{row['best_frac_copy']:.1%} of copy ({best['BN']}x{best['BR']} st{best['stages']} "
                       f"{best['per_sm']}/SM split {best['split']}; with the split-K epilogue {best['reduce_us']} us, "
-                      f"correct {best['reduce_correct']}); torch sum {tus and round(tus, 2)} us = "
+                      f"correct {best['reduce_correct']}); no split-K: "
+                      f"{nosplit and (nosplit['us'], nosplit['BN'], nosplit['BR'], nosplit['stages'])} us; torch sum {tus and round(tus, 2)} us = "
                       f"{row['torch_sum_frac_copy'] and round(100 * row['torch_sum_frac_copy'], 1)} %; our GEMV "
-                      f"{ous and round(ous, 2)} us = {row['ours']['frac_copy']} of copy (words + scales + zeros)",
+                      f"{ous and round(ous, 2)} us = {row['ours']['frac_copy']} of copy (words + scales + zeros); "
+                      f"ours without split-K {min((q['us'] for q in nos if q['us']), default=None)} us",
                       flush=True)
                 del copies
 
