@@ -217,7 +217,8 @@ def main(argv=None) -> None:
                 # our GEMV with no split-K: narrow column blocks, warps along K, the whole K a program
                 nos = []
                 for bn_, kw_, st_ in ([(32, 2, 3)] if dry else
-                                      [(b_, w_, t_) for b_ in (64, 128) for w_ in (4, 8) for t_ in (3, 4)]):
+                                      [(b_, w_, t_) for b_ in (32, 64) for w_ in (8, 16) for t_ in (4, 8, 12)
+                                       if dispatch.kw_fits(bits, 128, w_)]):
                     c_ = {"path": "gemv", "pk": True, "BN": bn_, "BKS": 64 if dry else 128, "num_warps": kw_,
                           "kw": kw_, "split": 1, "num_stages": st_}
                     u_, e_ = timed([lambda w=w, q=q, c_=c_: launch.run(x1, w, q[0], q[1], bits, 128, k, c_, out=o1)
