@@ -17,7 +17,7 @@ from aqsearch.bench import latest as _latest, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_front import front_table  # noqa: E402  (the front table, a module of its own)
-from report_gpu import decode_attn_table, decode_table, kernels_table, launch_overhead_table  # noqa: E402
+from report_gpu import ceiling_table, decode_attn_table, decode_table, kernels_table, launch_overhead_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -281,7 +281,7 @@ def export_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"front": front_table, "export": export_table, "trainer": trainer_table, "search": search_table, "uniform": uniform_table, "progressive": progressive_table,
                                         "regressor": regressor_table, "kernels": kernels_table, "decode": decode_table,
-                                        "decode_attn": decode_attn_table, "launch_overhead": launch_overhead_table,
+                                        "decode_attn": decode_attn_table, "launch_overhead": launch_overhead_table, "ceiling": ceiling_table,
                                         "compose_gap": compose_gap_table, "plan_rank": plan_rank_table,
                                         "scale": scale_table}
 

@@ -1,4 +1,5 @@
-"""The README's GPU tables (``benchmarks/report.py`` renders them): kernels, decode, decode attention, launch overhead."""
+"""The README's GPU tables (``benchmarks/report.py`` renders them): kernels, decode, decode attention, launch overhead,
+ceilings."""
 
 from __future__ import annotations
 
@@ -96,4 +97,30 @@ def launch_overhead_table() -> str:
         lines.append(f"| {r['env']['machine']} | {r['series']} | {cfg_s} | {r['t0_us']:.2f} | {r['bw_gbps']:,.0f} | "
                      f"{at.get((8192, 8192), float('nan')):.2f} | {at.get((4096, 28672), float('nan')):.2f} | "
                      f"{r['run']} |")
+    return "\n".join(lines)
+
+
+def ceiling_table() -> str:
+    """benchmarks/ceiling.py: at M = 1 the fastest Triton reader of the GEMV's words (alone, with our split-K
+    epilogue, with no split-K) beside our GEMV; at M = 1024 / 4096 Triton fp16 GEMMs with no dequantization
+    beside cuBLAS and our fused paths. Newest record a point."""
+    recs = read_results(RESULTS / "ceiling.jsonl")
+    m1 = _latest([r for r in recs if r["series"] == "m1_read"], lambda r: (r["env"]["machine"], r["K"], r["N"], r["bits"]))
+    gemm = _latest([r for r in recs if r["series"] == "gemm"], lambda r: (r["env"]["machine"], r["M"], r["K"], r["N"]))
+    pct = lambda b, us, bw: f"{us:.2f} ({100 * b / us / 1e3 / bw:.0f} %)"  # noqa: E731
+    lines = ["| machine | K x N | bits | words MB | Triton reader us (% of copy) | + split-K epilogue | reader, no split-K "
+             "| our GEMV us (% of copy) | run |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(m1, key=lambda r: (r["env"]["machine"], -r["K"], r["bits"])):
+        b, bw, best, nos = r["weight_bytes"], r["copy_gbps"], r["best"], r.get("best_no_split")
+        red = best.get("reduce_us")
+        lines.append(f"| {r['env']['machine']} | {r['K']}x{r['N']} | {r['bits']} | {b / 1e6:.1f} | {pct(b, best['us'], bw)} "
+                     f"| {'' if red is None else pct(b, red, bw)} | {'' if nos is None else pct(b, nos['us'], bw)} | "
+                     f"{pct(r['ours']['bytes'], r['ours']['us'], bw)} | {r['run']} |")
+    kinds = ("triton_fp16", "triton_fp16_tma", "dequant_cublas", "kn", "packed_f16w")
+    lines += ["", "| machine | M | K x N | cuBLAS fp16 us | " + " | ".join(f"{k} (x cuBLAS)" for k in kinds) + " | run |",
+              "|---|---:|---|---:|" + "---:|" * len(kinds) + "---|"]
+    for r in sorted(gemm, key=lambda r: (r["env"]["machine"], r["M"], -r["K"])):
+        cells = [f"{r['best'][k]['us']:.1f} ({r['best'][k]['x_cublas']:.2f})" if k in r["best"] else "" for k in kinds]
+        lines.append(f"| {r['env']['machine']} | {r['M']} | {r['K']}x{r['N']} | {r['cublas_us']:.1f} | "
+                     + " | ".join(cells) + f" | {r['run']} |")
     return "\n".join(lines)

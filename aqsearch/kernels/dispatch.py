@@ -85,6 +85,9 @@ _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (25
 # BM 256 x BN 128, 8 warps, 3 stages 378-410 us against cuBLAS 162-178 us and dequantize-then-cuBLAS 210-244 us
 # (0.45x cuBLAS, the old gather loop 0.28x); the other five tiles were slower, and at 3 bits (codes gathered
 # per row) every tile but one ran out of shared memory. Kept as candidates for M >= 256 at 2/4/8 bits.
+# Issue 21's fifteenth run (``benchmarks/ceiling.py --gemm``): the swapped loop with the fp16 tile (``f16w``, the
+# weight as the MMA's first operand) took 0.22-0.25x cuBLAS at M = 1024 / 4096 over six tiles, so it is not a
+# candidate; a Triton fp16 GEMM with no dequantization reached only 0.81-0.95x cuBLAS there.
 _GEMM_KN = ((128, 128, 4, 4, 0), (256, 128, 8, 3, 0))
 
 
