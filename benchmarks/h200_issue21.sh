@@ -6,7 +6,8 @@
 # benchmarks/decode.py --llama8b with a kernel profile of one captured step), probe.jsonl (benchmarks/pk_profile.py:
 # M = 1 eager / CUDA-graph / kernel-only times, ours and cuBLAS, kernel names), ncu.txt (Nsight Compute on
 # exactly the probe's launches: cudaProfilerStart/Stop ranges, no kernel-name filter); with T_OVER > 0 first
-# overhead.jsonl + overhead.txt (benchmarks/gemv_overhead.py: time against bytes, PDL modes).
+# overhead.jsonl + overhead.txt (benchmarks/gemv_overhead.py: time against bytes, PDL modes); with T_CEIL > 0
+# ceiling.jsonl + ceiling.txt (benchmarks/ceiling.py: the Triton reader and fp16 GEMM ceilings). A T_* of 0 skips its step.
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aq21}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 AQSEARCH_CACHE=/tmp/aqc TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
@@ -25,10 +26,12 @@ AQSEARCH_DECODE_PROFILE=1 timeout $((${DEADLINE:-235} + 15)) python benchmarks/m
   --run "issue21b $(date -u +%m%d-%H%M)" >"$OUT/summary.txt" 2>"$OUT/matmul.log"; echo "matmul rc=$?" >>"$L"
 for f in kernels.jsonl decode.jsonl tuned.py; do [ -f "$OUT/r/$f" ] && mv "$OUT/r/$f" "$OUT/$f"; done
 rm -rf "$OUT/r"
-timeout ${T_PROBE:-60} python benchmarks/pk_profile.py --shapes 8192x8192,4096x14336 --bits 2,3,4,8 --out "$OUT/probe.jsonl" \
+[ "${T_CEIL:-0}" -gt 0 ] && timeout ${T_CEIL} python benchmarks/ceiling.py --m1 --gemm --out "$OUT/ceiling.jsonl" \
+  --run "ceiling $(date -u +%m%d-%H%M)" >"$OUT/ceiling.txt" 2>&1; echo "ceiling rc=$?" >>"$L"
+[ "${T_PROBE:-60}" -gt 0 ] && timeout ${T_PROBE:-60} python benchmarks/pk_profile.py --shapes 8192x8192,4096x14336 --bits 2,3,4,8 --out "$OUT/probe.jsonl" \
   --run issue21b >/dev/null 2>>"$L"; echo "probe rc=$?" >>"$L"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ -n "$NCU" ] && [ "${T_NCU:-75}" -gt 0 ]; then
   timeout ${T_NCU:-75} "$NCU" --profile-from-start off --clock-control none --cache-control all --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
     --section SchedulerStats python benchmarks/pk_profile.py --shapes 8192x8192 --bits 2,3,4,8 --ncu >"$OUT/ncu.txt" 2>&1

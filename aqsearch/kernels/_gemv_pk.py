@@ -162,7 +162,8 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    BN: tl.constexpr, BKS: tl.constexpr, USE_WS: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
                    ASM0: tl.constexpr, ASM1: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                   KW: tl.constexpr = 1, PF: tl.constexpr = 1, LATE: tl.constexpr = False):
+                   KW: tl.constexpr = 1, PF: tl.constexpr = 1, LATE: tl.constexpr = False,
+                   KG: tl.constexpr = False):
     """``out[1, N] = x[1, K] @ W[K, N]`` (fp16 x, integer or symmetric zeros); grid ``(cdiv(N, BN), n_split)``.
 
     Same tiling as ``_gemv.gemv_kernel`` (BN columns, K-slices of whole BKS tiles, BKS | GROUP, BKS a
@@ -183,6 +184,13 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     to KW warps, each with its own accumulators ``[KW, BN]``, summed across warps once at the end. The same
     grid then keeps KW times the warps an SM busy: Nsight Compute on the H100 (issue 21) found the one-warp
     programs issue-bound on dependency stalls (5 cycles a warp between issues, ~2 warps a scheduler).
+
+    ``KG`` (with ``KW`` > 1, 2/4/8 bits): the warps take whole tiles instead: a step of the K loop is KW tiles,
+    warp ``rk`` decodes tile ``k0 + rk * BKS`` with its own group's scales and zeros. Each (column, group) is then
+    summed by one warp, so a tile's fp16 partials are flushed once, not KW times; the K-slice must be a multiple
+    of ``KW * BKS`` (the launcher's split does that) and ``EVEN_K`` means K is one too (otherwise the tiles past
+    K are masked: zero words against zero x). This lets a program own its columns for the whole K with many
+    warps: no split-K epilogue (``benchmarks/ceiling.py``: 1.6-3.6 us of it at issue 21's shapes).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -218,13 +226,25 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                                 (K * BITS + 31) // 32 - 1)[:, None]
                 _l2_prefetch(w_ptr + rw * N + lc, ASM)
         tl.extra.cuda.gdc_wait()
-    for k0 in tl.range(k_start, k_end, BKS, num_stages=STAGES):
-        gi = k0 // GROUP
-        if EVEN_N:
-            s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
+    STEP: tl.constexpr = KW * BKS if KG else BKS
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=STAGES):
+        if KG:  # this warp's tile and its group: [KW, 1]
+            kt = k0 + rk * BKS
+            gi = kt // GROUP
+            if MASKED:
+                gm = (kt < K) & wm
+                s = tl.load(s_ptr + gi * N + cc, mask=gm, other=0.0).to(tl.float32)
+                zi = _zero_int(z_ptr, gi, N, ZW, cc, gm, BITS, ZMODE)
+            else:
+                s = tl.load(s_ptr + gi * N + cc).to(tl.float32)
+                zi = _zero_int(z_ptr, gi, N, ZW, cc, wm, BITS, ZMODE)
         else:
-            s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
-        zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
+            gi = k0 // GROUP
+            if EVEN_N:
+                s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
+            else:
+                s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
+            zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
         a0, a1, a2, a3 = zero, zero, zero, zero
         xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
         if BITS == 3:
@@ -261,17 +281,20 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                 cs = (_cp(zi, 0, S), _cp(zi, 4, S))
             else:
                 cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
-            wp = w_ptr + (k0 // PW + rk) * N + cc  # advanced KW word rows at a time
-            xk = xq + rk * (PW // 4)  # this warp's x words start PW * rk further on
-            kx = k0 + rk * PW
-            wrow = k0 // PW + rk + cc * 0
-            for r in tl.static_range(R // KW):
+            # KG: this warp's whole tile, a row at a time; else word rows dealt round-robin, KW rows a step
+            RS: tl.constexpr = 1 if KG else KW  # word rows between one of this warp's rows and its next
+            R0: tl.constexpr = R if KG else 1  # word rows between warps' first rows
+            wp = w_ptr + (k0 // PW + rk * R0) * N + cc
+            xk = xq + rk * (R0 * PW // 4)  # this warp's x words start PW * R0 * rk further on
+            kx = k0 + rk * (R0 * PW)
+            wrow = k0 // PW + rk * R0 + cc * 0
+            for r in tl.static_range(R // KW if not KG else R):
                 if MASKED:
-                    w = tl.load(wp, mask=(wrow + KW * r < (K + PW - 1) // PW) & wm, other=0)
+                    w = tl.load(wp, mask=(wrow + RS * r < (K + PW - 1) // PW) & wm, other=0)
                 else:
                     w = tl.load(wp)
-                wp += KW * N
-                xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
+                wp += RS * N
+                xw = _xwords(x_ptr, xk, kx, PW * RS * r, K, PW // 2, EVEN_K)
                 if BITS == 8:
                     if r % 2 == 0:
                         a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)

@@ -8,7 +8,8 @@ config dict; :mod:`.dispatch` picks the config. Under ``TRITON_INTERPRET=1`` the
 A config is a dict, JSON-friendly so the tuner can cache it:
 ``{"path": "gemv", "BN": 256, "BKS": 128, "num_warps": 2, "split": 8}`` (``"h2": True``: the packed
 half2 kernel ``_gemv_h2`` at M = 1 with fp16 x; ``"pk": True``: the f16x2 inline-PTX one, with ``"kw"`` warps
-along K, ``"num_stages"`` a pipelined K loop, ``"pdl"`` / ``"late"`` / ``"pf"`` programmatic dependent launch;
+along K (``"kg": True``: each of those warps takes whole tiles, K-slices of kw tiles), ``"num_stages"`` a pipelined
+K loop, ``"pdl"`` / ``"late"`` / ``"pf"`` programmatic dependent launch;
 otherwise, and for bf16 x, the fp32 one),
 ``{"path": "gemm", "packed": True, "BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3, "split": 4}``
 (``"kn": True`` instead of ``packed``: the large-M loop, words loaded once, fp16 tile for fp16 x;
@@ -102,7 +103,9 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     m, n, n_lo, out = _common(x, qweight, bits, k, out)
     g = effective_group(group, k)
     bks = min(cfg["BKS"], g)
-    per, n_split = _split(k, bks, cfg.get("split", 1))
+    kg = bool(cfg.get("kg")) and cfg.get("kw", 1) > 1 and cfg.get("pk") and bits != 3
+    # kg: a step of the K loop is kw whole tiles (one a warp), so K-slices are multiples of kw tiles
+    per, n_split = _split(k, bks * cfg["kw"] if kg else bks, cfg.get("split", 1))
     bn = cfg["BN"]
     grid = (triton_cdiv(n, bn), n_split)
     ws, locks = _workspace(x.device, n_split * m * n if n_split > 1 else 1, grid[0])
@@ -155,12 +158,14 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
     a0, a1 = _pk_asm(bits, s) if use_asm else ("", "")
     pdl = ({"PDL": True, "launch_pdl": True, "PF": cfg.get("pf", 1), "LATE": bool(cfg.get("late"))}
            if cfg.get("pdl") and pdl_enabled() and x.is_cuda else {})
+    kw = cfg.get("kw", 1)
+    kg = bool(cfg.get("kg")) and kw > 1 and bits != 3  # as gemv() split K for it
     _gemv_pk.gemv_pk_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
         BITS=bits, GROUP=g, ZMODE=zm, BN=bn, BKS=bks, USE_WS=n_split > 1,
-        EVEN_K=k % bks == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0, ASM1=a1,
-        STAGES=cfg.get("num_stages", 1), KW=cfg.get("kw", 1), num_warps=cfg.get("num_warps", 1),
+        EVEN_K=k % (bks * kw if kg else bks) == 0, EVEN_N=qweight.shape[1] % bn == 0, S=s, ASM=use_asm, ASM0=a0,
+        ASM1=a1, STAGES=cfg.get("num_stages", 1), KW=kw, KG=kg, num_warps=cfg.get("num_warps", 1),
         num_stages=cfg.get("num_stages", 1), **pdl,
     )
     return out

@@ -186,6 +186,25 @@ def test_gemv_pk_k_split_across_warps(bits, kw, masked):
         check(out, oracle(x, qw, s, z, bits, g, k), 2e-3)
 
 
+@pytest.mark.parametrize("bits,kw", ((2, 2), (2, 4), (4, 4), (4, 8), (8, 2), (8, 4)))
+@pytest.mark.parametrize("n,k", ((64, 512), (64, 448), (40, 458)), ids=("even", "K-not-whole-steps", "masked"))
+def test_gemv_pk_warps_take_whole_tiles(bits, kw, n, k):
+    """``kg``: warp rk decodes the whole tile k0 + rk * BKS with its own group's scales and zeros, a step being kw
+    tiles; no split-K and split-K (slices of whole steps), plain and pipelined; K a whole number of steps, K a whole
+    number of tiles but not of steps (the last step's extra warps read past K, masked), and K, N ragged: the
+    reference's sums. Catches a warp using the first warp's scales or zeros (another group's), warps reading the
+    same tile, rows advanced by kw (the round-robin deal) inside a whole tile, a tile past K counted, and split-K
+    slices that are not whole steps (a tile summed twice or not at all)."""
+    g = 64
+    qw, s, z = make(n, k, bits, g)
+    x = xin(1, k)
+    for split, stages in ((1, 1), (2, 3), (3, 1)):
+        out = poisoned(1, n, x.dtype)
+        launch.gemv(x, qw, s, z, bits, g, k, {"pk": True, "BN": 32, "BKS": g, "split": split, "num_stages": stages,
+                                               "kw": kw, "num_warps": kw, "kg": True}, out=out)
+        check(out, oracle(x, qw, s, z, bits, g, k), 2e-3)
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 def test_gemv_pk_large_activations_stay_finite(bits):
     """x entries near the top of fp16 (60,000: down-projection inputs of LLMs carry massive activations):
