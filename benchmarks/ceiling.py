@@ -126,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gemm", action="store_true", help="the Triton fp16 GEMM ceiling at M = 1024 / 4096")
     ap.add_argument("--ms", default="1024,4096")
     ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--ours-only", action="store_true", help="--m1: skip the readers (our GEMV's configs only)")
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
     ap.add_argument("--run", default="")
     args = ap.parse_args(argv)
@@ -157,6 +158,8 @@ def main(argv=None) -> None:
                  for per in (1, 2, 4, 8)]
                 + [(bn, br, st, 0) for bn in (32, 64, 128) for br in (32, 64, 128) for st in (3, 4, 6)
                    if st * bn * br * 4 <= 160 << 10])
+        if args.ours_only and not dry:  # the readers' best tiles of issue 21's H100 runs only
+            grid = [(512, 16, 3, 1), (32, 64, 4, 0)]
         for k, n in shapes:
             for bits in (int(b) for b in args.bits.split(",")):
                 qw, _, _ = problem(k, n, bits, 128)
@@ -214,13 +217,14 @@ def main(argv=None) -> None:
                 ous, _ = timed([lambda w=w, q=q: launch.run(x1, w, q[0], q[1], bits, 128, k, cfg, out=o1)
                                 for w, q in zip(copies, sz)])
                 ref1 = x1.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
-                # our GEMV with no split-K: narrow column blocks, warps along K, the whole K a program
+                # our GEMV with little or no split-K: narrow column blocks, kw warps along K each taking whole
+                # tiles (kg), the whole K (split 1) or half of it a program
                 nos = []
-                for bn_, kw_, st_ in ([(32, 2, 3)] if dry else
-                                      [(b_, w_, t_) for b_ in (32, 64) for w_ in (8, 16) for t_ in (4, 8, 12)
-                                       if dispatch.kw_fits(bits, 128, w_)]):
+                for bn_, kw_, st_, sp_ in ([(32, 2, 3, 1)] if dry else
+                                           [(b_, w_, t_, p_) for b_ in (32, 64) for w_ in (8, 16) for t_ in (1, 3)
+                                            for p_ in (1, 2)] + [(128, 8, 3, 1), (128, 8, 3, 2)]):
                     c_ = {"path": "gemv", "pk": True, "BN": bn_, "BKS": 64 if dry else 128, "num_warps": kw_,
-                          "kw": kw_, "split": 1, "num_stages": st_}
+                          "kw": kw_, "kg": True, "split": sp_, "num_stages": st_}
                     u_, e_ = timed([lambda w=w, q=q, c_=c_: launch.run(x1, w, q[0], q[1], bits, 128, k, c_, out=o1)
                                     for w, q in zip(copies, sz)])
                     r_ = u_ and reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, c_, out=o1).float(), ref1)
