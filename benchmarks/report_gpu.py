@@ -100,6 +100,13 @@ def launch_overhead_table() -> str:
     return "\n".join(lines)
 
 
+def _kg_cell(hit, pct) -> str:
+    if hit is None:
+        return ""
+    q, b, bw, run = hit
+    return f"{pct(b, q['us'], bw)} (BN {q['BN']}, kw {q['kw']}, split {q['split']}, stages {q['num_stages']}; `{run}`)"
+
+
 def ceiling_table() -> str:
     """benchmarks/ceiling.py: at M = 1 the fastest Triton reader of the GEMV's words (alone, with our split-K
     epilogue, with no split-K) beside our GEMV; at M = 1024 / 4096 Triton fp16 GEMMs with no dequantization
@@ -107,15 +114,24 @@ def ceiling_table() -> str:
     recs = read_results(RESULTS / "ceiling.jsonl")
     m1 = _latest([r for r in recs if r["series"] == "m1_read"], lambda r: (r["env"]["machine"], r["K"], r["N"], r["bits"]))
     gemm = _latest([r for r in recs if r["series"] == "gemm"], lambda r: (r["env"]["machine"], r["M"], r["K"], r["N"]))
+    kg: dict = {}  # our GEMV with kg (warps take whole tiles), split-K 1-2: the fastest config over every such probe
+    for r in recs:
+        if r["series"] == "m1_kg":
+            for q in r["ours_no_split"]:
+                key = (r["env"]["machine"], r["K"], r["N"], r["bits"])
+                if q.get("us") and (key not in kg or q["us"] < kg[key][0]["us"]):
+                    kg[key] = (q, r["ours"]["bytes"], r["copy_gbps"], r["run"])
     pct = lambda b, us, bw: f"{us:.2f} ({100 * b / us / 1e3 / bw:.0f} %)"  # noqa: E731
     lines = ["| machine | K x N | bits | words MB | Triton reader us (% of copy) | + split-K epilogue | reader, no split-K "
-             "| our GEMV us (% of copy) | run |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| our GEMV us (% of copy) | our GEMV, kg, split <= 2 (config) | run |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(m1, key=lambda r: (r["env"]["machine"], -r["K"], r["bits"])):
         b, bw, best, nos = r["weight_bytes"], r["copy_gbps"], r["best"], r.get("best_no_split")
         red = best.get("reduce_us")
         lines.append(f"| {r['env']['machine']} | {r['K']}x{r['N']} | {r['bits']} | {b / 1e6:.1f} | {pct(b, best['us'], bw)} "
                      f"| {'' if red is None else pct(b, red, bw)} | {'' if nos is None else pct(b, nos['us'], bw)} | "
-                     f"{pct(r['ours']['bytes'], r['ours']['us'], bw)} | {r['run']} |")
+                     f"{pct(r['ours']['bytes'], r['ours']['us'], bw)} | {_kg_cell(kg.get((r['env']['machine'], r['K'], r['N'], r['bits'])), pct)} "
+                     f"| {r['run']} |")
     kinds = ("triton_fp16", "triton_fp16_tma", "dequant_cublas", "kn", "packed_f16w")
     lines += ["", "| machine | M | K x N | cuBLAS fp16 us | " + " | ".join(f"{k} (x cuBLAS)" for k in kinds) + " | run |",
               "|---|---:|---|---:|" + "---:|" * len(kinds) + "---|"]
