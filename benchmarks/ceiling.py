@@ -221,9 +221,9 @@ def main(argv=None) -> None:
                 # tiles (kg), the whole K (split 1) or half of it a program
                 nos = []
                 for bn_, kw_, st_, sp_ in ([(32, 2, 3, 1)] if dry else
-                                           [(64, 16, 1, 1), (64, 16, 2, 1), (64, 16, 3, 1), (32, 16, 1, 1),
-                                            (32, 16, 2, 1), (32, 16, 3, 1), (128, 16, 1, 1), (128, 16, 2, 1),
-                                            (64, 8, 1, 2), (64, 8, 2, 2), (64, 8, 4, 1), (32, 8, 4, 1)]):
+                                           [(64, 16, 1, 1), (64, 16, 1, 2), (32, 16, 1, 1), (64, 8, 1, 1),
+                                            (64, 8, 1, 2), (32, 8, 1, 1), (32, 8, 1, 2), (128, 8, 1, 1),
+                                            (128, 8, 1, 2), (128, 4, 1, 2), (64, 4, 1, 2), (64, 4, 1, 4)]):
                     c_ = {"path": "gemv", "pk": True, "BN": bn_, "BKS": 64 if dry else 128, "num_warps": kw_,
                           "kw": kw_, "kg": True, "split": sp_, "num_stages": st_}
                     u_, e_ = timed([lambda w=w, q=q, c_=c_: launch.run(x1, w, q[0], q[1], bits, 128, k, c_, out=o1)

@@ -156,6 +156,66 @@ def asm_w3(half: int, s: int) -> str:
 
 
 @triton.jit
+def _kg_fetch(w_ptr, s_ptr, z_ptr, k0, k_end, rk, cc, wm, N, K, ZW, BITS: tl.constexpr, GROUP: tl.constexpr,
+              ZMODE: tl.constexpr, BKS: tl.constexpr, EVEN_N: tl.constexpr):
+    """The step at ``k0`` of the kg loop: warp rk's tile ``k0 + rk * BKS`` (a tuple of its word rows), its group's
+    scales (fp32) and integer zeros; a tile at or past ``k_end`` (the step after the last) loads nothing."""
+    PW: tl.constexpr = 32 // BITS
+    R: tl.constexpr = BKS // PW
+    kt = k0 + rk * BKS  # [KW, 1]
+    ok = kt < k_end
+    m = ok if EVEN_N else ok & wm
+    gi = kt // GROUP
+    s = tl.load(s_ptr + gi * N + cc, mask=m, other=0.0).to(tl.float32)
+    zi = _zero_int(z_ptr, gi, N, ZW, cc, m, BITS, ZMODE)
+    rows = kt // PW
+    wp = w_ptr + rows * N + cc
+    last = (K + PW - 1) // PW  # word rows of K: a tile's rows past it (K not whole tiles) load zeros
+    t = ()
+    for r in tl.static_range(R):
+        t = t + (tl.load(wp + r * N, mask=m & (rows + r < last), other=0),)
+    return t, s, zi
+
+
+@triton.jit
+def _kg_loop(a, zero, x_ptr, w_ptr, s_ptr, z_ptr, rk, cc, wm, k_start, k_end, N, K, ZW, BITS: tl.constexpr,
+             GROUP: tl.constexpr, ZMODE: tl.constexpr, BKS: tl.constexpr, KW: tl.constexpr, S: tl.constexpr,
+             ASM: tl.constexpr, ASMTXT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """The K loop of ``KG`` (2/4/8 bits): a step is KW tiles, warp rk decodes the whole tile ``k0 + rk * BKS`` with
+    its own group's scales and zeros, so each (column, group) is flushed once. The next step's words, scales and
+    zeros are loaded into registers before this step is decoded (double-buffered by hand: Triton pipelines loads
+    only through shared memory), so the memory stays busy while the warps decode."""
+    PW: tl.constexpr = 32 // BITS
+    R: tl.constexpr = BKS // PW
+    STEP: tl.constexpr = KW * BKS
+    nw, ns, nz = _kg_fetch(w_ptr, s_ptr, z_ptr, k_start, k_end, rk, cc, wm, N, K, ZW, BITS, GROUP, ZMODE, BKS, EVEN_N)
+    for k0 in range(k_start, k_end, STEP):
+        cw, s, zi = nw, ns, nz
+        nw, ns, nz = _kg_fetch(w_ptr, s_ptr, z_ptr, k0 + STEP, k_end, rk, cc, wm, N, K, ZW, BITS, GROUP, ZMODE, BKS,
+                               EVEN_N)
+        if BITS == 8:
+            c0 = _cp(zi, 0, S)
+        elif BITS == 4:
+            cs = (_cp(zi, 0, S), _cp(zi, 4, S))
+        else:
+            cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+        a0, a1, a2, a3 = zero, zero, zero, zero
+        kx = k0 + rk * BKS  # this warp's tile
+        xk = x_ptr.to(tl.pointer_type(tl.int64)) + kx // 4
+        for r in tl.static_range(R):
+            xw = _xwords(x_ptr, xk, kx, PW * r, K, PW // 2, EVEN_K)
+            if BITS == 8:
+                if r % 2 == 0:
+                    a0, a1 = _word8(cw[r], xw, c0, a0, a1, S, ASM, ASMTXT)
+                else:
+                    a2, a3 = _word8(cw[r], xw, c0, a2, a3, S, ASM, ASMTXT)
+            else:
+                a0, a1, a2, a3 = _word24(cw[r], xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASMTXT)
+        a += _flush(a0, a1, a2, a3, ASM) * s
+    return a
+
+
+@triton.jit
 def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                    N, K, n_lo, ZW, stride_om, k_per_split, n_split,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ZMODE: tl.constexpr,
@@ -185,12 +245,12 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
     grid then keeps KW times the warps an SM busy: Nsight Compute on the H100 (issue 21) found the one-warp
     programs issue-bound on dependency stalls (5 cycles a warp between issues, ~2 warps a scheduler).
 
-    ``KG`` (with ``KW`` > 1, 2/4/8 bits): the warps take whole tiles instead: a step of the K loop is KW tiles,
-    warp ``rk`` decodes tile ``k0 + rk * BKS`` with its own group's scales and zeros. Each (column, group) is then
-    summed by one warp, so a tile's fp16 partials are flushed once, not KW times; the K-slice must be a multiple
-    of ``KW * BKS`` (the launcher's split does that) and ``EVEN_K`` means K is one too (otherwise the tiles past
-    K are masked: zero words against zero x). This lets a program own its columns for the whole K with many
-    warps: no split-K epilogue (``benchmarks/ceiling.py``: 1.6-3.6 us of it at issue 21's shapes).
+    ``KG`` (with ``KW`` > 1, 2/4/8 bits): the warps take whole tiles instead (``_kg_loop``): a step of the K loop
+    is KW tiles, warp ``rk`` decodes tile ``k0 + rk * BKS`` with its own group's scales and zeros. Each (column,
+    group) is then summed by one warp, so a tile's fp16 partials are flushed once, not KW times; the K-slice must
+    be a multiple of ``KW * BKS`` (the launcher's split does that) and ``EVEN_K`` means K is one too (otherwise the
+    tiles past K are masked: zero words against zero x). This lets a program own its columns for the whole K with
+    many warps: no split-K epilogue (``benchmarks/ceiling.py``: 1.6-3.6 us of it at issue 21's shapes).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -226,83 +286,72 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                                 (K * BITS + 31) // 32 - 1)[:, None]
                 _l2_prefetch(w_ptr + rw * N + lc, ASM)
         tl.extra.cuda.gdc_wait()
-    STEP: tl.constexpr = KW * BKS if KG else BKS
-    for k0 in tl.range(k_start, k_end, STEP, num_stages=STAGES):
-        if KG:  # this warp's tile and its group: [KW, 1]
-            kt = k0 + rk * BKS
-            gi = kt // GROUP
-            if MASKED:
-                gm = (kt < K) & wm
-                s = tl.load(s_ptr + gi * N + cc, mask=gm, other=0.0).to(tl.float32)
-                zi = _zero_int(z_ptr, gi, N, ZW, cc, gm, BITS, ZMODE)
-            else:
-                s = tl.load(s_ptr + gi * N + cc).to(tl.float32)
-                zi = _zero_int(z_ptr, gi, N, ZW, cc, wm, BITS, ZMODE)
-        else:
+    if KG:
+        a = _kg_loop(a, zero, x_ptr, w_ptr, s_ptr, z_ptr, rk, cc, wm, k_start, k_end, N, K, ZW, BITS, GROUP, ZMODE,
+                     BKS, KW, S, ASM, ASM0, EVEN_K, EVEN_N)
+    else:  # one tile a step; with KW > 1 its word rows (3 bits: 32-code steps) dealt round-robin to the warps
+        for k0 in tl.range(k_start, k_end, BKS, num_stages=STAGES):
             gi = k0 // GROUP
             if EVEN_N:
                 s = tl.load(s_ptr + gi * N + cols).to(tl.float32)
             else:
                 s = tl.load(s_ptr + gi * N + cols, mask=cmask, other=0.0).to(tl.float32)
             zi = _zero_int(z_ptr, gi, N, ZW, cols, cmask, BITS, ZMODE)
-        a0, a1, a2, a3 = zero, zero, zero, zero
-        xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
-        if BITS == 3:
-            c0 = _cp(zi, 0, S)
-            c4 = _cp(zi, 4, S)
-            # 32 codes a step: two low-plane rows and one high-plane row, advanced KW steps at a time
-            wl = w_ptr + (k0 // 16 + 2 * rk) * N + cc  # low-plane rows
-            wh = w_ptr + (n_lo + k0 // 32 + rk) * N + cc  # high-plane rows
-            xk = xq + rk * 8  # this warp's x: 32 halves (8 eight-byte loads) a step further on
-            kx = k0 + rk * 32
-            rr = k0 // 32 + rk + cc * 0
-            for r2 in tl.static_range(BKS // 32 // KW):
-                if MASKED:
-                    le = tl.load(wl, mask=(2 * rr < n_lo) & wm, other=0)
-                    lo = tl.load(wl + N, mask=(2 * rr + 1 < n_lo) & wm, other=0)
-                    hw = tl.load(wh, mask=(rr < (K + 31) // 32) & wm, other=0)
-                else:
-                    le = tl.load(wl)
-                    lo = tl.load(wl + N)
-                    hw = tl.load(wh)
-                wl += 2 * KW * N
-                wh += KW * N
-                rr += KW
-                xe = _xwords(x_ptr, xk, kx, 32 * KW * r2, K, 8, EVEN_K)
-                a0, a1, a2, a3 = _word3(le, hw, xe, c0, c4, a0, a1, a2, a3, 0, S, ASM, ASM0)
-                xo = _xwords(x_ptr, xk, kx, 32 * KW * r2 + 16, K, 8, EVEN_K)
-                a0, a1, a2, a3 = _word3(lo, hw, xo, c0, c4, a0, a1, a2, a3, 1, S, ASM, ASM1)
-        else:
-            PW: tl.constexpr = 32 // BITS
-            R: tl.constexpr = BKS // PW
-            if BITS == 8:
+            a0, a1, a2, a3 = zero, zero, zero, zero
+            xq = x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4  # the tile's x, 8 bytes a load
+            if BITS == 3:
                 c0 = _cp(zi, 0, S)
-            elif BITS == 4:
-                cs = (_cp(zi, 0, S), _cp(zi, 4, S))
-            else:
-                cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
-            # KG: this warp's whole tile, a row at a time; else word rows dealt round-robin, KW rows a step
-            RS: tl.constexpr = 1 if KG else KW  # word rows between one of this warp's rows and its next
-            R0: tl.constexpr = R if KG else 1  # word rows between warps' first rows
-            wp = w_ptr + (k0 // PW + rk * R0) * N + cc
-            xk = xq + rk * (R0 * PW // 4)  # this warp's x words start PW * R0 * rk further on
-            kx = k0 + rk * (R0 * PW)
-            wrow = k0 // PW + rk * R0 + cc * 0
-            for r in tl.static_range(R // KW if not KG else R):
-                if MASKED:
-                    w = tl.load(wp, mask=(wrow + RS * r < (K + PW - 1) // PW) & wm, other=0)
-                else:
-                    w = tl.load(wp)
-                wp += RS * N
-                xw = _xwords(x_ptr, xk, kx, PW * RS * r, K, PW // 2, EVEN_K)
-                if BITS == 8:
-                    if r % 2 == 0:
-                        a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)
+                c4 = _cp(zi, 4, S)
+                # 32 codes a step: two low-plane rows and one high-plane row, advanced KW steps at a time
+                wl = w_ptr + (k0 // 16 + 2 * rk) * N + cc  # low-plane rows
+                wh = w_ptr + (n_lo + k0 // 32 + rk) * N + cc  # high-plane rows
+                xk = xq + rk * 8  # this warp's x: 32 halves (8 eight-byte loads) a step further on
+                kx = k0 + rk * 32
+                rr = k0 // 32 + rk + cc * 0
+                for r2 in tl.static_range(BKS // 32 // KW):
+                    if MASKED:
+                        le = tl.load(wl, mask=(2 * rr < n_lo) & wm, other=0)
+                        lo = tl.load(wl + N, mask=(2 * rr + 1 < n_lo) & wm, other=0)
+                        hw = tl.load(wh, mask=(rr < (K + 31) // 32) & wm, other=0)
                     else:
-                        a2, a3 = _word8(w, xw, c0, a2, a3, S, ASM, ASM0)
+                        le = tl.load(wl)
+                        lo = tl.load(wl + N)
+                        hw = tl.load(wh)
+                    wl += 2 * KW * N
+                    wh += KW * N
+                    rr += KW
+                    xe = _xwords(x_ptr, xk, kx, 32 * KW * r2, K, 8, EVEN_K)
+                    a0, a1, a2, a3 = _word3(le, hw, xe, c0, c4, a0, a1, a2, a3, 0, S, ASM, ASM0)
+                    xo = _xwords(x_ptr, xk, kx, 32 * KW * r2 + 16, K, 8, EVEN_K)
+                    a0, a1, a2, a3 = _word3(lo, hw, xo, c0, c4, a0, a1, a2, a3, 1, S, ASM, ASM1)
+            else:
+                PW: tl.constexpr = 32 // BITS
+                R: tl.constexpr = BKS // PW
+                if BITS == 8:
+                    c0 = _cp(zi, 0, S)
+                elif BITS == 4:
+                    cs = (_cp(zi, 0, S), _cp(zi, 4, S))
                 else:
-                    a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
-        a += _flush(a0, a1, a2, a3, ASM) * s
+                    cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+                wp = w_ptr + (k0 // PW + rk) * N + cc  # advanced KW word rows at a time
+                xk = xq + rk * (PW // 4)  # this warp's x words start PW * rk further on
+                kx = k0 + rk * PW
+                wrow = k0 // PW + rk + cc * 0
+                for r in tl.static_range(R // KW):
+                    if MASKED:
+                        w = tl.load(wp, mask=(wrow + KW * r < (K + PW - 1) // PW) & wm, other=0)
+                    else:
+                        w = tl.load(wp)
+                    wp += KW * N
+                    xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
+                    if BITS == 8:
+                        if r % 2 == 0:
+                            a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)
+                        else:
+                            a2, a3 = _word8(w, xw, c0, a2, a3, S, ASM, ASM0)
+                    else:
+                        a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
+            a += _flush(a0, a1, a2, a3, ASM) * s
     if PDL and LATE:
         tl.extra.cuda.gdc_launch_dependents()
     if KW > 1:
