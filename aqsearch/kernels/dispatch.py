@@ -75,8 +75,8 @@ _GEMV_PK_STAGED = ((128, 1, 128, 8, 3), (256, 1, 128, 4, 3), (128, 1, 128, 4, 4)
 _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (256, 4, 128, 4, 3),
                (128, 2, 128, 8, 3), (128, 4, 128, 8, 1), (256, 4, 64, 4, 1),
                (512, 4, 128, 1, 3), (512, 4, 128, 2, 3), (512, 8, 128, 1, 3), (512, 8, 128, 2, 3), (512, 4, 128, 4, 1))
-# Not offered: ``"kg"`` (the kw warps take whole tiles; no split-K at 8-16 warps an SM). Issue 21's runs 21-23
-# (``benchmarks/ceiling.py``): 8-21 % slower than these at every M = 1 point but one (4096x14336 w4, 0.5 % faster).
+# Not offered: ``"kg"`` (the kw warps take whole tiles, double-buffered in registers; no split-K at 8-16 warps an SM).
+# Issue 21's run 25 (``benchmarks/ceiling.py``): 2-21 % slower than these at the M = 1 points but 4096x14336 w2 (even).
 # Measured and dropped (issue 21, H100, run nine): narrow tiles with 8-16 warps along K and split-K 1-2 (BN 32-128,
 # kw 8/16), to shed the split-K epilogue: 18.5-45 us at 8192x8192 against 12.8-28 us for the winners (BN 32 worst).
 # The large-M fused GEMM (``kn``: words loaded once, not swapped, fp16 tile): (BM, BN, warps, stages, BK
