@@ -193,8 +193,10 @@ def test_gemv_pk_warps_take_whole_tiles(bits, kw, n, k):
     tiles; no split-K and split-K (slices of whole steps), plain and pipelined; K a whole number of steps, K a whole
     number of tiles but not of steps (the last step's extra warps read past K, masked), and K, N ragged: the
     reference's sums. Catches a warp using the first warp's scales or zeros (another group's), warps reading the
-    same tile, rows advanced by kw (the round-robin deal) inside a whole tile, a tile past K counted, and split-K
-    slices that are not whole steps (a tile summed twice or not at all)."""
+    same tile or the same x, rows advanced by kw (the round-robin deal) inside a whole tile, a step decoded with the
+    next step's scales (the register double buffer out of step), and split-K slices that are not whole steps (a
+    tile summed twice or not at all). (A tile's rows past K load zeros against x masked to zero: a memory-safety
+    matter the values cannot show.)"""
     g = 64
     qw, s, z = make(n, k, bits, g)
     x = xin(1, k)
