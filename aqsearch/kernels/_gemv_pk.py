@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._pk_words import _cp, _flush, _l2_prefetch, _word3, _word8, _word24, _xwords, _zero_int
+from ._pk_words import _cp, _cps, _flush, _l2_prefetch, _word3, _word8, _word24, _xwords, _zero_int
 from ._tl_common import splitk_reduce
 
 
@@ -193,12 +193,7 @@ def _kg_loop(a, zero, x_ptr, w_ptr, s_ptr, z_ptr, rk, cc, wm, k_start, k_end, N,
         cw, s, zi = nw, ns, nz
         nw, ns, nz = _kg_fetch(w_ptr, s_ptr, z_ptr, k0 + STEP, k_end, rk, cc, wm, N, K, ZW, BITS, GROUP, ZMODE, BKS,
                                EVEN_N)
-        if BITS == 8:
-            c0 = _cp(zi, 0, S)
-        elif BITS == 4:
-            cs = (_cp(zi, 0, S), _cp(zi, 4, S))
-        else:
-            cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+        cs = _cps(zi, BITS, S)
         a0, a1, a2, a3 = zero, zero, zero, zero
         kx = k0 + rk * BKS  # this warp's tile
         xk = x_ptr.to(tl.pointer_type(tl.int64)) + kx // 4
@@ -206,9 +201,9 @@ def _kg_loop(a, zero, x_ptr, w_ptr, s_ptr, z_ptr, rk, cc, wm, k_start, k_end, N,
             xw = _xwords(x_ptr, xk, kx, PW * r, K, PW // 2, EVEN_K)
             if BITS == 8:
                 if r % 2 == 0:
-                    a0, a1 = _word8(cw[r], xw, c0, a0, a1, S, ASM, ASMTXT)
+                    a0, a1 = _word8(cw[r], xw, cs[0], a0, a1, S, ASM, ASMTXT)
                 else:
-                    a2, a3 = _word8(cw[r], xw, c0, a2, a3, S, ASM, ASMTXT)
+                    a2, a3 = _word8(cw[r], xw, cs[0], a2, a3, S, ASM, ASMTXT)
             else:
                 a0, a1, a2, a3 = _word24(cw[r], xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASMTXT)
         a += _flush(a0, a1, a2, a3, ASM) * s
@@ -327,12 +322,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
             else:
                 PW: tl.constexpr = 32 // BITS
                 R: tl.constexpr = BKS // PW
-                if BITS == 8:
-                    c0 = _cp(zi, 0, S)
-                elif BITS == 4:
-                    cs = (_cp(zi, 0, S), _cp(zi, 4, S))
-                else:
-                    cs = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+                cs = _cps(zi, BITS, S)
                 wp = w_ptr + (k0 // PW + rk) * N + cc  # advanced KW word rows at a time
                 xk = xq + rk * (PW // 4)  # this warp's x words start PW * rk further on
                 kx = k0 + rk * PW
@@ -346,9 +336,9 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                     xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
                     if BITS == 8:
                         if r % 2 == 0:
-                            a0, a1 = _word8(w, xw, c0, a0, a1, S, ASM, ASM0)
+                            a0, a1 = _word8(w, xw, cs[0], a0, a1, S, ASM, ASM0)
                         else:
-                            a2, a3 = _word8(w, xw, c0, a2, a3, S, ASM, ASM0)
+                            a2, a3 = _word8(w, xw, cs[0], a2, a3, S, ASM, ASM0)
                     else:
                         a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
             a += _flush(a0, a1, a2, a3, ASM) * s

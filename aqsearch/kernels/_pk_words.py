@@ -251,3 +251,15 @@ def _cp(zi, P: tl.constexpr, S: tl.constexpr):
     B: tl.constexpr = (0x8000 | ((25 - P - S) << 10)) * 0x10001
     BS: tl.constexpr = B - (1 << 32) if B >= (1 << 31) else B
     return zi * (0x10001 << P) + BS
+
+
+@triton.jit
+def _cps(zi, BITS: tl.constexpr, S: tl.constexpr):
+    """The c_P of a 2/4/8-bit word's distinct P (``asm_w24`` / ``asm_w8`` order), a tuple."""
+    if BITS == 8:
+        r = (_cp(zi, 0, S),)
+    elif BITS == 4:
+        r = (_cp(zi, 0, S), _cp(zi, 4, S))
+    else:
+        r = (_cp(zi, 0, S), _cp(zi, 2, S), _cp(zi, 4, S), _cp(zi, 6, S), _cp(zi, 8, S))
+    return r

@@ -105,3 +105,15 @@ def tile_store(acc, out_ptr, ws_ptr, lock_ptr, tile, pid_k, n_split, M, N, rm, c
         splitk_reduce(out_ptr, ws_ptr, lock_ptr, tile, n_split, M, N, rm, cols, stride_om, BM, BN)
     else:
         tl.store(out_ptr + rm[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` with the tiles taken in bands of GROUP_M tile rows (L2 reuse of the
+    weight columns across a band)."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % gsize, (pid % width) // gsize
