@@ -36,7 +36,7 @@ import triton.language as tl
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-from matmul import copy_bandwidth, device, graph_time, n_copies, nbytes, problem  # noqa: E402
+from matmul import copy_bandwidth, device, graph_time, n_copies, nbytes, problem, quant_point  # noqa: E402
 
 from aqsearch.kernels._tl_common import grouped_tile, splitk_reduce  # noqa: E402
 
@@ -49,6 +49,14 @@ MM_CFGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (12
 PACKED_CFGS = ((128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
                (64, 256, 64, 4, 8), (128, 128, 128, 3, 8))
 KN_CFGS = ((128, 128, 64, 4, 4), (256, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8))
+# the reader's grid at M = 1: (BN, BR word rows, stages, programs an SM; 0: no split-K, one program a BN columns)
+READ_GRID = ([(bn, br, st, per) for bn in (256, 512, 1024) for br in (8, 16, 32) for st in (1, 3) for per in (1, 2, 4, 8)]
+             + [(bn, br, st, 0) for bn in (32, 64, 128) for br in (32, 64, 128) for st in (3, 4, 6)
+                if st * bn * br * 4 <= 160 << 10])
+READ_BEST = [(512, 16, 3, 1), (32, 64, 4, 0)]  # --ours-only: the readers' best tiles of issue 21's H100 runs
+# our GEMV with little or no split-K, kw warps along K each taking whole tiles (kg): (BN, kw, split)
+KG_CFGS = ((64, 16, 1), (64, 16, 2), (32, 16, 1), (64, 8, 1), (64, 8, 2), (32, 8, 1), (32, 8, 2), (128, 8, 1),
+           (128, 8, 2), (128, 4, 2), (64, 4, 2), (64, 4, 4))
 
 
 @triton.jit
@@ -105,6 +113,135 @@ def _mm_tma(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK
     c_desc.store([pid_m * BM, pid_n * BN], acc.to(tl.float16))
 
 
+def _timed(calls):
+    """(us, None), or (None, why) for a config that does not compile or run (recorded, not fatal)."""
+    try:
+        return graph_time(calls) * 1e6, None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _flat(res: dict, **extra) -> dict:
+    """One ``matmul.quant_point`` result as a flat record: the config's keys, us and rel_err (or error)."""
+    if "us" not in res:
+        return {**extra, **res["cfg"], "error": res["error"]}
+    return {**extra, **res["cfg"], "us": round(res["us"], 3), "rel_err": round(res["rel_err"], 7)}
+
+
+def _slices(r: int, split: int, br: int) -> tuple[int, int]:
+    """Word rows a K-slice (whole BR tiles) and the slices that cover ``r`` rows."""
+    rows_per = -(-(-(-r // split)) // br) * br
+    return rows_per, -(-r // rows_per)
+
+
+def _reader(n, r, bn, br, st, split, out, ws=None, lock=None):
+    """A launch of ``_read`` over the word matrix it is given (``ws`` / ``lock``: through the split-K epilogue)."""
+    rows_per, split = _slices(r, split, br)
+    reduce = ws is not None
+    return lambda w: _read[(n // bn, split)](w, out, n, r, rows_per, ws if reduce else out, lock if reduce else out,
+                                              BN=bn, BR=br, STAGES=st, REDUCE=reduce,
+                                              num_warps=4 if bn * br >= 4096 else 2)
+
+
+def m1_point(k, n, bits, grid, kg_cfgs, l2, sms, bw, dev):
+    """One M = 1 shape and bit width: the readers over ``grid`` (each checked against numpy's XOR), the best one
+    with the split-K epilogue, torch's sum, and our GEMV with the shipped config and with ``kg_cfgs``."""
+    from aqsearch.kernels import dispatch
+
+    qw, s, z = problem(k, n, bits, 128)
+    r, wb = qw.shape[0], nbytes(qw)
+    copies = [qw] + [qw.clone() for _ in range(n_copies(wb, l2) - 1)]
+    want = np.bitwise_xor.reduce(qw.cpu().numpy(), axis=0)
+    pts = []
+    for bn, br, st, per in grid:
+        if n % bn:
+            continue
+        split = _slices(r, max(1, min(-(-r // br), (per * sms) // (n // bn))) if per else 1, br)[1]
+        out = torch.empty(split, n, dtype=torch.int32, device=dev)
+        fn = _reader(n, r, bn, br, st, split, out)
+        us, err = _timed([lambda w=w, fn=fn: fn(w) for w in copies])
+        pt = {"BN": bn, "BR": br, "stages": st, "per_sm": per}
+        if us is None:
+            pts.append({**pt, "error": err})
+            continue
+        ok = np.array_equal(np.bitwise_xor.reduce(out.cpu().numpy(), axis=0), want)
+        pts.append({**pt, "split": split, "us": round(us, 3), "correct": bool(ok)})
+    good = [p for p in pts if p.get("correct")]
+    nosplit = min((p for p in good if p["per_sm"] == 0), key=lambda p: p["us"], default=None)
+    best = min(good, key=lambda p: p["us"])
+    # the best reader again with the split-K epilogue: what that epilogue costs
+    bn, br, split = best["BN"], best["BR"], best["split"]
+    rows_per = _slices(r, split, br)[0]
+    red = torch.empty(1, n, dtype=torch.float32, device=dev)
+    fn = _reader(n, r, bn, br, best["stages"], split, red, torch.empty(split, n, dtype=torch.float32, device=dev),
+                 torch.zeros(n // bn, dtype=torch.int32, device=dev))
+    rus, _ = _timed([lambda w=w: fn(w) for w in copies])
+    fn(qw)
+    wsum = sum(np.bitwise_xor.reduce(qw[i * rows_per:(i + 1) * rows_per].cpu().numpy(), axis=0).astype(np.float64)
+               for i in range(split))
+    best["reduce_us"] = rus and round(rus, 3)
+    # the partials are fp32 roundings of integers up to 2**31 (an ulp of 256 there)
+    best["reduce_correct"] = bool(np.allclose(red.cpu().numpy()[0], wsum, rtol=0, atol=1024.0 * split))
+    # a non-Triton reader: torch's reduction over K of the same words
+    tus, _ = _timed([lambda w=w: w.sum(0) for w in copies])
+    del copies
+    # our GEMV with this GPU's shipped config (or the first candidate), then the kg configs: matmul.py's timing
+    x1 = torch.randn(1, k, device=dev, dtype=torch.float16)
+    cfg = (dispatch.choose(x1, qw, s, z, bits, 128, k, tune=False) if dev == "cuda"
+           else dispatch.candidates(1, n, k, bits, 128, sms)[0])
+    res, qb = quant_point(k, n, 1, bits, 128, l2, x1, sms, only=[cfg] + kg_cfgs)
+    ours = _flat(res[0])
+    return {"series": "m1_read", "K": k, "N": n, "bits": bits, "weight_bytes": wb,
+            "best": best, "best_gbps": round(wb / best["us"] / 1e3, 1), "best_no_split": nosplit,
+            "no_split_frac_copy": nosplit and round(wb / nosplit["us"] / 1e3 / bw, 4),
+            "best_frac_copy": round(wb / best["us"] / 1e3 / bw, 4), "torch_sum_us": tus and round(tus, 3),
+            "torch_sum_frac_copy": tus and round(wb / tus / 1e3 / bw, 4),
+            "ours": {"config": cfg, "us": ours.get("us"), "bytes": qb, "rel_err": ours.get("rel_err"),
+                     "frac_copy": ours.get("us") and round(qb / ours["us"] / 1e3 / bw, 4)},
+            "ours_no_split": [_flat(q) for q in res[1:]], "points": pts}
+
+
+def gemm_point(k, n, ms, mm_cfgs, fused, l2, sms, dev, dry):
+    """One GEMM shape at each M of ``ms``: cuBLAS, the Triton fp16 GEMMs over ``mm_cfgs`` (checked against torch's
+    fp32 product), and our ``fused`` configs on a w4 weight (``matmul.quant_point``). Yields one record an M."""
+    from aqsearch.kernels import reference
+
+    w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+    ws = [w16] + [w16.clone() for _ in range(n_copies(nbytes(w16), l2) - 1)]
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        c = torch.empty(m, n, device=dev, dtype=torch.float16)
+        ref = x.float() @ w16.float().t()
+        cub, _ = _timed([lambda w=w: torch.matmul(x, w.t(), out=c) for w in ws])
+        res = []
+        for kern, name in ((_mm, "triton_fp16"), (_mm_tma, "triton_fp16_tma")):
+            if dry and name.endswith("tma"):
+                continue
+            for bm, bn, bk, st, nw in mm_cfgs:
+                grid = (-(-m // bm) * -(-n // bn),)
+                fn = lambda w, kern=kern, bm=bm, bn=bn, bk=bk, st=st, nw=nw, grid=grid: kern[grid](
+                    x, w, c, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=st, num_warps=nw, num_stages=st)
+                us, err = _timed([lambda w=w, fn=fn: fn(w) for w in ws])
+                cfg = {"kernel": name, "BM": bm, "BN": bn, "BK": bk, "stages": st, "warps": nw}
+                if us is None:
+                    res.append({**cfg, "error": err})
+                    continue
+                fn(w16)
+                res.append({**cfg, "us": round(us, 3), "rel_err": round(reference.rel_err(c.float(), ref), 7)})
+        del ref
+        for q in quant_point(k, n, m, 4, 128, l2, x, sms, only=fused)[0]:  # our fused loops, dequantize-then-cuBLAS
+            kind = ("dequant_cublas" if q["cfg"]["path"] == "dequant" else
+                    "packed_f16w" if q["cfg"].get("packed") else "kn")
+            res.append(_flat(q, kernel=kind))
+        best = {}
+        for r_ in res:
+            if "us" in r_:
+                r_["x_cublas"] = round(cub / r_["us"], 4)
+                if r_["rel_err"] < 1e-2 and (r_["kernel"] not in best or r_["us"] < best[r_["kernel"]]["us"]):
+                    best[r_["kernel"]] = r_
+        yield {"series": "gemm", "M": m, "K": k, "N": n, "cublas_us": round(cub, 3), "best": best, "points": res}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -117,7 +254,6 @@ def main(argv=None) -> None:
     ap.add_argument("--run", default="")
     args = ap.parse_args(argv)
     from aqsearch.bench import append_result
-    from aqsearch.kernels import dispatch, launch, reference
 
     dev = device()
     dry = args.dry_run or dev == "cpu"
@@ -130,181 +266,40 @@ def main(argv=None) -> None:
     if dev == "cuda":
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
 
-    def timed(calls):
-        try:
-            return graph_time(calls) * 1e6, None
-        except Exception as e:  # a config that does not compile or run is recorded, not fatal
-            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-
     if args.m1:
-        shapes = ((256, 512),) if dry else M1_SHAPES
-        # (BN, BR word rows, stages, programs an SM; 0: no split-K, one program a BN columns)
-        grid = ([(256, 8, 1, 1), (64, 32, 3, 0)] if dry else
-                [(bn, br, st, per) for bn in (256, 512, 1024) for br in (8, 16, 32) for st in (1, 3)
-                 for per in (1, 2, 4, 8)]
-                + [(bn, br, st, 0) for bn in (32, 64, 128) for br in (32, 64, 128) for st in (3, 4, 6)
-                   if st * bn * br * 4 <= 160 << 10])
-        if args.ours_only and not dry:  # the readers' best tiles of issue 21's H100 runs only
-            grid = [(512, 16, 3, 1), (32, 64, 4, 0)]
-        for k, n in shapes:
+        grid = [(256, 8, 1, 1), (64, 32, 3, 0)] if dry else (READ_BEST if args.ours_only else READ_GRID)
+        kg = [{"path": "gemv", "pk": True, "BN": bn, "BKS": 64 if dry else 128, "num_warps": kw, "kw": kw, "kg": True,
+               "split": sp} for bn, kw, sp in ([(32, 2, 1)] if dry else KG_CFGS)]
+        for k, n in ((256, 512),) if dry else M1_SHAPES:
             for bits in (int(b) for b in args.bits.split(",")):
-                qw, _, _ = problem(k, n, bits, 128)
-                r = qw.shape[0]
-                wb = nbytes(qw)
-                copies = [qw] + [qw.clone() for _ in range(n_copies(wb, l2) - 1)]
-                want = np.bitwise_xor.reduce(qw.cpu().numpy(), axis=0)
-                pts = []
-                for bn, br, st, per in grid:
-                    if n % bn:
-                        continue
-                    split = max(1, min(-(-r // br), (per * sms) // (n // bn))) if per else 1
-                    rows_per = -(-(-(-r // split)) // br) * br
-                    split = -(-r // rows_per)
-                    out = torch.empty(split, n, dtype=torch.int32, device=dev)
-                    fn = lambda w, out=out, bn=bn, br=br, st=st, rows_per=rows_per, split=split: _read[(n // bn, split)](
-                        w, out, n, r, rows_per, out, out, BN=bn, BR=br, STAGES=st,
-                        num_warps=4 if bn * br >= 4096 else 2)
-                    us, err = timed([lambda w=w, fn=fn: fn(w) for w in copies])
-                    if us is None:
-                        pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "error": err})
-                        continue
-                    ok = np.array_equal(np.bitwise_xor.reduce(out.cpu().numpy(), axis=0), want)
-                    pts.append({"BN": bn, "BR": br, "stages": st, "per_sm": per, "split": split, "us": round(us, 3),
-                                "correct": bool(ok)})
-                good = [p for p in pts if p.get("correct")]
-                nosplit = min((p for p in good if p["per_sm"] == 0), key=lambda p: p["us"], default=None)
-                best = min(good, key=lambda p: p["us"])
-                # the best reader again with the split-K epilogue: what that epilogue costs
-                bn, br, st, split = best["BN"], best["BR"], best["stages"], best["split"]
-                rows_per = -(-r // split)
-                rows_per = -(-rows_per // br) * br
-                ws = torch.empty(split, n, dtype=torch.float32, device=dev)
-                lock = torch.zeros(n // bn, dtype=torch.int32, device=dev)
-                red = torch.empty(1, n, dtype=torch.float32, device=dev)
-                fn = lambda w: _read[(n // bn, split)](w, red, n, r, rows_per, ws, lock, BN=bn, BR=br, STAGES=st,
-                                                       REDUCE=True, num_warps=4 if bn * br >= 4096 else 2)
-                rus, rerr = timed([lambda w=w: fn(w) for w in copies])
-                fn(qw)
-                wsum = sum(np.bitwise_xor.reduce(qw[i * rows_per:(i + 1) * rows_per].cpu().numpy(), axis=0)
-                           .astype(np.float64) for i in range(split))
-                best["reduce_us"] = rus and round(rus, 3)
-                # the partials are fp32 roundings of integers up to 2**31 (an ulp of 256 there)
-                best["reduce_correct"] = bool(np.allclose(red.cpu().numpy()[0], wsum, rtol=0, atol=1024.0 * split))
-                # a non-Triton reader: torch's reduction over K of the same words
-                tus, _ = timed([lambda w=w: w.sum(0) for w in copies])
-                # our GEMV with this GPU's shipped config (or the first candidate), on a weight of these bytes
-                _, s, z = problem(k, n, bits, 128)
-                x1 = torch.randn(1, k, device=dev, dtype=torch.float16)
-                o1 = torch.empty(1, n, device=dev, dtype=torch.float16)
-                cfg = (dispatch.choose(x1, qw, s, z, bits, 128, k, tune=False) if dev == "cuda"
-                       else dispatch.candidates(1, n, k, bits, 128, sms)[0])
-                qb = nbytes(qw, s, z)
-                sz = [(s, z)] + [(s.clone(), z.clone()) for _ in range(len(copies) - 1)]
-                ous, _ = timed([lambda w=w, q=q: launch.run(x1, w, q[0], q[1], bits, 128, k, cfg, out=o1)
-                                for w, q in zip(copies, sz)])
-                ref1 = x1.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
-                # our GEMV with little or no split-K: narrow column blocks, kw warps along K each taking whole
-                # tiles (kg), the whole K (split 1) or half of it a program
-                nos = []
-                for bn_, kw_, st_, sp_ in ([(32, 2, 3, 1)] if dry else
-                                           [(64, 16, 1, 1), (64, 16, 1, 2), (32, 16, 1, 1), (64, 8, 1, 1),
-                                            (64, 8, 1, 2), (32, 8, 1, 1), (32, 8, 1, 2), (128, 8, 1, 1),
-                                            (128, 8, 1, 2), (128, 4, 1, 2), (64, 4, 1, 2), (64, 4, 1, 4)]):
-                    c_ = {"path": "gemv", "pk": True, "BN": bn_, "BKS": 64 if dry else 128, "num_warps": kw_,
-                          "kw": kw_, "kg": True, "split": sp_, "num_stages": st_}
-                    u_, e_ = timed([lambda w=w, q=q, c_=c_: launch.run(x1, w, q[0], q[1], bits, 128, k, c_, out=o1)
-                                    for w, q in zip(copies, sz)])
-                    r_ = u_ and reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, c_, out=o1).float(), ref1)
-                    nos.append({**c_, "us": u_ and round(u_, 3), "rel_err": r_ and round(r_, 7), "error": e_})
-                oerr = reference.rel_err(launch.run(x1, qw, s, z, bits, 128, k, cfg, out=o1).float(), ref1)
-                row = {**meta, "series": "m1_read", "K": k, "N": n, "bits": bits, "weight_bytes": wb,
-                       "best": best, "best_gbps": round(wb / best["us"] / 1e3, 1), "best_no_split": nosplit,
-                       "no_split_frac_copy": nosplit and round(wb / nosplit["us"] / 1e3 / bw, 4),
-                       "best_frac_copy": round(wb / best["us"] / 1e3 / bw, 4), "torch_sum_us": tus and round(tus, 3),
-                       "torch_sum_frac_copy": tus and round(wb / tus / 1e3 / bw, 4),
-                       "ours": {"config": cfg, "us": ous and round(ous, 3), "bytes": qb, "rel_err": round(oerr, 7),
-                                "frac_copy": ous and round(qb / ous / 1e3 / bw, 4)}, "ours_no_split": nos,
-                       "points": pts}
+                row = {**meta, **m1_point(k, n, bits, grid, kg, l2, sms, bw, dev)}
                 append_result(args.out, row)
-                print(f"read {k}x{n} w{bits} ({wb / 1e6:.1f} MB): best Triton {best['us']:.2f} us = "
+                best, nos, ours = row["best"], row["best_no_split"], row["ours"]
+                print(f"read {k}x{n} w{bits} ({row['weight_bytes'] / 1e6:.1f} MB): best Triton {best['us']:.2f} us = "
                       f"{row['best_frac_copy']:.1%} of copy ({best['BN']}x{best['BR']} st{best['stages']} "
                       f"{best['per_sm']}/SM split {best['split']}; with the split-K epilogue {best['reduce_us']} us, "
                       f"correct {best['reduce_correct']}); no split-K: "
-                      f"{nosplit and (nosplit['us'], nosplit['BN'], nosplit['BR'], nosplit['stages'])} us; torch sum {tus and round(tus, 2)} us = "
-                      f"{row['torch_sum_frac_copy'] and round(100 * row['torch_sum_frac_copy'], 1)} %; our GEMV "
-                      f"{ous and round(ous, 2)} us = {row['ours']['frac_copy']} of copy (words + scales + zeros); "
-                      f"ours without split-K {min((q['us'] for q in nos if q['us']), default=None)} us",
+                      f"{nos and (nos['us'], nos['BN'], nos['BR'], nos['stages'])} us; torch sum "
+                      f"{row['torch_sum_us']} us; our GEMV {ours['us']} us = {ours['frac_copy']} of copy (words + "
+                      f"scales + zeros); kg {min((q['us'] for q in row['ours_no_split'] if q.get('us')), default=None)} us",
                       flush=True)
-                del copies
 
     if args.gemm:
-        shapes = ((128, 256),) if dry else GEMM_SHAPES
-        ms = (64,) if dry else tuple(int(m) for m in args.ms.split(","))
-        mm_cfgs = ((32, 32, 32, 1, 4),) if dry else MM_CFGS
-        for k, n in shapes:
-            w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-            ws = [w16] + [w16.clone() for _ in range(n_copies(nbytes(w16), l2) - 1)]
-            for m in ms:
-                x = torch.randn(m, k, device=dev, dtype=torch.float16)
-                c = torch.empty(m, n, device=dev, dtype=torch.float16)
-                ref = x.float() @ w16.float().t()
-                cub, _ = timed([lambda w=w: torch.matmul(x, w.t(), out=c) for w in ws])
-                res = []
-                for kern, name in ((_mm, "triton_fp16"), (_mm_tma, "triton_fp16_tma")):
-                    if dry and name.endswith("tma"):
-                        continue
-                    for bm, bn, bk, st, nw in mm_cfgs:
-                        grid = (-(-m // bm) * -(-n // bn),)
-                        fn = lambda w, kern=kern, bm=bm, bn=bn, bk=bk, st=st, nw=nw, grid=grid: kern[grid](
-                            x, w, c, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=st, num_warps=nw, num_stages=st)
-                        us, err = timed([lambda w=w, fn=fn: fn(w) for w in ws])
-                        cfg = {"BM": bm, "BN": bn, "BK": bk, "stages": st, "warps": nw}
-                        if us is None:
-                            res.append({"kernel": name, **cfg, "error": err})
-                            continue
-                        fn(w16)
-                        e = reference.rel_err(c.float(), ref)
-                        res.append({"kernel": name, **cfg, "us": round(us, 3), "x_cublas": round(cub / us, 4),
-                                    "rel_err": round(e, 7)})
-                del ref
-                # our fused loops on a w4 weight of the same shape, and dequantize-then-cuBLAS
-                qw, s, z = problem(k, n, 4, 128)
-                wb = nbytes(qw, s, z)
-                qcopies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
-                qref = x.float() @ reference.dequantize_kn(qw, s, z, 4, 128, k, torch.float32)
-                fused = ([{"path": "gemm", "packed": True, "f16w": True, "BM": 16, "BN": 32, "BK": 32, "split": 1}]
-                         if dry else
-                         [{"path": "gemm", "packed": True, "f16w": True, "BM": bm, "BN": bn, "BK": bk,
-                           "num_stages": st, "num_warps": nw, "split": 1} for bm, bn, bk, st, nw in PACKED_CFGS]
-                         + [{"path": "gemm", "kn": True, "BM": bm, "BN": bn, "BK": bk, "num_stages": st,
-                             "num_warps": nw, "split": 1} for bm, bn, bk, st, nw in KN_CFGS]
-                         + [{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 0}])
-                for cfg in fused:
-                    name = "dequant_cublas" if cfg["path"] == "dequant" else ("packed_f16w" if cfg.get("packed")
-                                                                              else "kn")
-                    us, err = timed([lambda q=q, cfg=cfg: launch.run(x, q[0], q[1], q[2], 4, 128, k, cfg, out=c)
-                                     for q in qcopies])
-                    if us is None:
-                        res.append({"kernel": name, **cfg, "error": err})
-                        continue
-                    launch.run(x, qw, s, z, 4, 128, k, cfg, out=c)
-                    e = reference.rel_err(c.float(), qref)
-                    res.append({"kernel": name, **cfg, "us": round(us, 3), "x_cublas": round(cub / us, 4),
-                                "rel_err": round(e, 7)})
-                del qcopies, qref
-                best = {}
-                for r_ in res:
-                    if "us" in r_ and r_["rel_err"] < 1e-2 and (r_["kernel"] not in best
-                                                               or r_["us"] < best[r_["kernel"]]["us"]):
-                        best[r_["kernel"]] = r_
-                append_result(args.out, {**meta, "series": "gemm", "M": m, "K": k, "N": n, "cublas_us": round(cub, 3),
-                                         "best": best, "points": res})
-                print(f"gemm M={m} {k}x{n}: cuBLAS {cub:.1f} us; " + "; ".join(
-                    f"{kk} {v['us']:.1f} us x{v['x_cublas']:.2f}" for kk, v in best.items()), flush=True)
-                for r_ in res:
+        fused = ([{"path": "gemm", "packed": True, "f16w": True, "BM": 16, "BN": 32, "BK": 32, "split": 1}] if dry else
+                 [{"path": "gemm", "packed": True, "f16w": True, "BM": bm, "BN": bn, "BK": bk, "num_stages": st,
+                   "num_warps": nw, "split": 1} for bm, bn, bk, st, nw in PACKED_CFGS]
+                 + [{"path": "gemm", "kn": True, "BM": bm, "BN": bn, "BK": bk, "num_stages": st, "num_warps": nw,
+                     "split": 1} for bm, bn, bk, st, nw in KN_CFGS]
+                 + [{"path": "dequant", "BN": 256, "BKS": 64, "num_warps": 4, "chunk": 0}])
+        for k, n in ((128, 256),) if dry else GEMM_SHAPES:
+            for rec in gemm_point(k, n, (64,) if dry else tuple(int(m) for m in args.ms.split(",")),
+                                  ((32, 32, 32, 1, 4),) if dry else MM_CFGS, fused, l2, sms, dev, dry):
+                append_result(args.out, {**meta, **rec})
+                print(f"gemm M={rec['M']} {k}x{n}: cuBLAS {rec['cublas_us']:.1f} us; " + "; ".join(
+                    f"{kk} {v['us']:.1f} us x{v['x_cublas']:.2f}" for kk, v in rec["best"].items()), flush=True)
+                for r_ in rec["points"]:
                     if "error" in r_:
                         print(f"  failed: {r_}", flush=True)
-            del ws
 
 
 if __name__ == "__main__":

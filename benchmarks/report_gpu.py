@@ -112,10 +112,10 @@ def ceiling_table() -> str:
     epilogue, with no split-K) beside our GEMV; at M = 1024 / 4096 Triton fp16 GEMMs with no dequantization
     beside cuBLAS and our fused paths. Newest record a point."""
     recs = read_results(RESULTS / "ceiling.jsonl")
-    m1 = _latest([r for r in recs if r["series"] == "m1_read"], lambda r: (r["env"]["machine"], r["K"], r["N"], r["bits"]))
+    point = lambda r: (r["env"]["machine"], r["K"], r["N"], r["bits"])  # noqa: E731
+    m1 = _latest([r for r in recs if r["series"] == "m1_read"], point)
     gemm = _latest([r for r in recs if r["series"] == "gemm"], lambda r: (r["env"]["machine"], r["M"], r["K"], r["N"]))
     kg: dict = {}  # our GEMV with kg (warps take whole tiles), split-K 1-4: the newest probe's fastest config
-    point = lambda r: (r["env"]["machine"], r["K"], r["N"], r["bits"])  # noqa: E731
     for r in _latest([r for r in recs if r["series"] == "m1_kg"], point):
         for q in r["ours_no_split"]:
             if q.get("us") and (point(r) not in kg or q["us"] < kg[point(r)][0]["us"]):
@@ -129,7 +129,7 @@ def ceiling_table() -> str:
         red = best.get("reduce_us")
         lines.append(f"| {r['env']['machine']} | {r['K']}x{r['N']} | {r['bits']} | {b / 1e6:.1f} | {pct(b, best['us'], bw)} "
                      f"| {'' if red is None else pct(b, red, bw)} | {'' if nos is None else pct(b, nos['us'], bw)} | "
-                     f"{pct(r['ours']['bytes'], r['ours']['us'], bw)} | {_kg_cell(kg.get((r['env']['machine'], r['K'], r['N'], r['bits'])), pct)} "
+                     f"{pct(r['ours']['bytes'], r['ours']['us'], bw)} | {_kg_cell(kg.get(point(r)), pct)} "
                      f"| {r['run']} |")
     kinds = ("triton_fp16", "triton_fp16_tma", "dequant_cublas", "kn", "packed_f16w")
     lines += ["", "| machine | M | K x N | cuBLAS fp16 us | " + " | ".join(f"{k} (x cuBLAS)" for k in kinds) + " | run |",

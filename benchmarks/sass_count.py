@@ -100,9 +100,8 @@ def count_pk(bits, bks=128, bn=256, nw=1, pdl=False, kw=1, kg=False, stages=1):
     a0, a1 = launch._pk_asm(bits, s)
     nw = max(nw, kw)
     consts = {"BITS": bits, "GROUP": 128, "ZMODE": 2, "BN": bn, "BKS": bks, "USE_WS": True, "EVEN_K": True,
-              "EVEN_N": True, "S": s, "ASM": True, "ASM0": a0, "ASM1": a1, "PDL": pdl, "STAGES": 1, "KW": kw,
+              "EVEN_N": True, "S": s, "ASM": True, "ASM0": a0, "ASM1": a1, "PDL": pdl, "STAGES": stages, "KW": kw,
               "PF": 1, "LATE": False, "KG": kg}
-    consts["STAGES"] = stages
     text, regs, spills = sass(_gemv_pk.gemv_pk_kernel, PK_SIG, consts, nw)
     body = loop_body(text)
     return len(body) / (bks * bn * (kw if kg else 1) // (32 * nw)), collections.Counter(body), regs, spills, bks

@@ -103,8 +103,8 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     m, n, n_lo, out = _common(x, qweight, bits, k, out)
     g = effective_group(group, k)
     bks = min(cfg["BKS"], g)
-    kg = bool(cfg.get("kg")) and cfg.get("kw", 1) > 1 and cfg.get("pk") and bits != 3
-    # kg: a step of the K loop is kw whole tiles (one a warp), so K-slices are multiples of kw tiles
+    # kg (the pk kernel, 2/4/8 bits): a step of the K loop is kw whole tiles (one a warp), K-slices whole steps
+    kg = bool(cfg.get("pk") and cfg.get("kg")) and cfg.get("kw", 1) > 1 and bits != 3
     per, n_split = _split(k, bks * cfg["kw"] if kg else bks, cfg.get("split", 1))
     bn = cfg["BN"]
     grid = (triton_cdiv(n, bn), n_split)
@@ -114,7 +114,7 @@ def gemv(x, qweight, scales, zeros, bits, group, k, cfg, out=None):
     zm, zw = zmode(zeros)
     if cfg.get("pk") and m == 1 and x.dtype == torch.float16 and zm != 1 and bks % 32 == 0:
         return _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split, grid, ws, locks,
-                               zm, zw, n_lo, out, cfg)
+                               zm, zw, n_lo, out, cfg, kg)
     if cfg.get("h2") and m == 1 and x.dtype == torch.float16:  # packed half2 arithmetic (fp16 x only)
         _gemv_h2.gemv_h2_kernel[grid](
             x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
@@ -149,7 +149,7 @@ def _pk_asm(bits: int, s: int) -> tuple[str, str]:
 
 
 def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split, grid, ws, locks, zm, zw, n_lo,
-                    out, cfg):
+                    out, cfg, kg):
     """The f16x2 inline-PTX GEMV (``_gemv_pk``): M = 1, fp16 x, integer (packed) or symmetric zeros."""
     if x.data_ptr() % 16:  # x is read as int32 words: a misaligned view is copied once
         x = x.clone()
@@ -159,7 +159,6 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
     pdl = ({"PDL": True, "launch_pdl": True, "PF": cfg.get("pf", 1), "LATE": bool(cfg.get("late"))}
            if cfg.get("pdl") and pdl_enabled() and x.is_cuda else {})
     kw = cfg.get("kw", 1)
-    kg = bool(cfg.get("kg")) and kw > 1 and bits != 3  # as gemv() split K for it
     _gemv_pk.gemv_pk_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,
