@@ -32,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-from matmul import device, graph_time, n_copies, nbytes, problem  # noqa: E402
+from matmul import cublas_point, device, graph_time, n_copies, quant_point  # noqa: E402
 
 LADDER = ((4096, 4096), (4096, 8192), (8192, 8192), (4096, 14336), (4096, 28672), (8192, 28672))
 # one base config a bit width (BN, warps = kw, BKS, split at 2 programs an SM, pipelined): issue 21's w4 winner
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--run", default="")
     args = ap.parse_args(argv)
     from aqsearch.bench import append_result
-    from aqsearch.kernels import dispatch, launch, reference
+    from aqsearch.kernels import dispatch
 
     dev = device()
     ladder = ((64, 256), (64, 512)) if args.dry_run or dev == "cpu" else LADDER
@@ -102,38 +102,21 @@ def main(argv=None) -> None:
             pts.append((size, graph_time([lambda s=s, d=d: d.copy_(s) for s, d in zip(a, b)]) * 1e6, {"K": k, "N": n}))
             del a, b
         record("copy", pts)
-        pts = []
         x = torch.randn(1, max(k for k, _ in ladder), device=dev, dtype=torch.float16)
-        for k, n in ladder:
-            w = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02]
-            w += [w[0].clone() for _ in range(n_copies(nbytes(w[0]), l2) - 1)]
-            out = torch.empty(1, n, device=dev, dtype=torch.float16)
-            xs = x[:, :k]
-            pts.append((nbytes(w[0]), graph_time([lambda t=t: torch.matmul(xs, t.t(), out=out) for t in w]) * 1e6,
-                        {"K": k, "N": n}))
-            del w
-        record("cublas", pts)
+        record("cublas", [(2 * k * n, cublas_point(k, n, 1, l2, x[:, :k]) * 1e6, {"K": k, "N": n}) for k, n in ladder])
     modes = args.modes.split(",")
     for bits in (int(b) for b in args.bits.split(",")):
         base = BASE3 if bits == 3 else BASE
         bks = dispatch.pk_bks(bits, 128, base["BKS"])
         pts: dict[str, list] = {mode: [] for mode in modes}
-        for k, n in ladder:  # one problem, its copies and its reference a shape, timed in every mode
-            qw, s, z = problem(k, n, bits, 128)
-            wb = nbytes(qw, s, z)
-            copies = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(n_copies(wb, l2) - 1)]
+        for k, n in ladder:  # one problem a shape, timed in every mode (matmul.py's timing and numerics check)
             split = dispatch._split_for(-(-n // base["BN"]), k, bks, sms, per_sm=2, min_steps=3)
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
-            out = torch.empty(1, n, device=dev, dtype=torch.float16)
-            ref = x.float() @ reference.dequantize_kn(qw, s, z, bits, 128, k, torch.float32)
-            for mode in modes:
-                cfg = {"path": "gemv", **base, "split": split, **MODES[mode]}
-                launch.run(x, qw, s, z, bits, 128, k, cfg, out=out)
-                err = reference.rel_err(out.float(), ref)
-                us = graph_time([lambda c=c: launch.run(x, c[0], c[1], c[2], bits, 128, k, cfg, out=out)
-                                 for c in copies]) * 1e6
-                pts[mode].append((wb, us, {"K": k, "N": n, "split": split, "rel_err": round(err, 7)}))
-            del copies, ref
+            res, wb = quant_point(k, n, 1, bits, 128, l2, x, sms,
+                                  only=[{"path": "gemv", **base, "split": split, **MODES[mode]} for mode in modes])
+            for mode, r in zip(modes, res):
+                if "us" in r:
+                    pts[mode].append((wb, r["us"], {"K": k, "N": n, "split": split, "rel_err": round(r["rel_err"], 7)}))
         for mode in modes:
             record(f"w{bits} {mode}", pts[mode], bits=bits, config={**base, **MODES[mode]})
 

@@ -20,12 +20,9 @@ def kernels_rows(recs: list[dict]) -> str:
     recs = [r for r in recs if r.get("env", {}).get("machine", "") == machine]
     cub = {(r.get("run", ""), r["K"], r["N"], r["M"]): r for r in recs if r["kind"] == "cublas"}
     copy = {r.get("run", ""): r["copy_gbps"] for r in recs if r["kind"] == "copy"}
-    newest: dict = {}
-    for r in recs:  # file order: a later run's point replaces an earlier one
-        if r["kind"] == "quant" and r["M"] in (1, 8, 1024, 4096) and r["group"] == 128 \
-                and r.get("dtype", "float16") == "float16":
-            newest[(r["K"], r["N"], r["M"], r["scheme"])] = r
-    q = list(newest.values())
+    q = _latest([r for r in recs if r["kind"] == "quant" and r["M"] in (1, 8, 1024, 4096) and r["group"] == 128
+                 and r.get("dtype", "float16") == "float16"],  # file order: a later run's point replaces an earlier one
+                lambda r: (r["K"], r["N"], r["M"], r["scheme"]))
     runs = list(dict.fromkeys(r.get("run", "") for r in sorted(q, key=lambda r: r["time"])))
     lines = [f"{machine}; runs " + ", ".join(f"`{u}` (copy bandwidth {copy.get(u, float('nan')):,.0f} GB/s)"
                                              for u in runs)

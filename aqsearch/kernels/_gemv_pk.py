@@ -82,7 +82,7 @@ def asm_w24(bits: int, s: int) -> tuple[str, list[int]]:
     xo = 5
     co = xo + nx
     ao = co + len(ps)
-    lines = ["{\n", ".reg .b32 v, m, xp, h, f;\n", f"shr.b32 v, $4, 8;\n"]
+    lines = ["{\n", ".reg .b32 v, m, xp, h, f;\n", "shr.b32 v, $4, 8;\n"]
     for j, (src, p) in enumerate(plan):
         a = j % 2  # pair j: x halves j and j + pw/2 = word j//2 (half j%2) and word j//2 + nx/2
         wa, wb = xo + j // 2, xo + j // 2 + nx // 2

@@ -93,17 +93,19 @@ _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (25
 _GEMM_KN = ((128, 128, 4, 4, 0), (256, 128, 8, 3, 0))
 
 
+def kw_fits(bits: int, bks: int, kw: int) -> bool:
+    """Whether a pk GEMV tile of ``bks`` deals evenly to ``kw`` warps: its word rows (3 bits: its 32-code steps).
+    The round-robin loop decodes ``rows // kw`` of them a warp, so a tile that does not deal evenly would drop
+    rows: the candidates never hold one, and the launcher refuses one."""
+    return (bks // (32 if bits == 3 else 32 // bits)) % kw == 0
+
+
 def pk_bks(bits: int, group: int, cap: int) -> int:
     """The pk GEMV's tile K: a multiple of 32 dividing the group, at most ``cap``."""
     b = min(cap, group)
     while b > 32 and group % b:
         b //= 2
     return max(32, b)
-
-
-def kw_fits(bits: int, bks: int, kw: int) -> bool:
-    """Whether a pk GEMV tile of ``bks`` deals evenly to ``kw`` warps: its word rows (3 bits: its 32-code steps)."""
-    return (bks // (32 if bits == 3 else 32 // bits)) % kw == 0
 
 
 def m_bucket(m: int) -> int:

@@ -33,6 +33,7 @@ import torch
 import functools
 
 from . import _gemm, _gemv, _gemv_h2, _gemv_pk
+from .dispatch import kw_fits
 from .packing import effective_group
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
@@ -159,6 +160,8 @@ def _gemv_pk_launch(x, qweight, scales, zeros, bits, g, k, bks, bn, per, n_split
     pdl = ({"PDL": True, "launch_pdl": True, "PF": cfg.get("pf", 1), "LATE": bool(cfg.get("late"))}
            if cfg.get("pdl") and pdl_enabled() and x.is_cuda else {})
     kw = cfg.get("kw", 1)
+    if kw > 1 and not kg and not kw_fits(bits, bks, kw):
+        raise ValueError(f"a pk GEMV tile of BKS={bks} at {bits} bits does not deal evenly to kw={kw} warps")
     _gemv_pk.gemv_pk_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, out, ws, locks,
         qweight.shape[1], k, n_lo, zw, out.stride(0), per, n_split,

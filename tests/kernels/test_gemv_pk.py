@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import ptx_emu
-from aqsearch.kernels import _gemv_pk, _pk_words, packing, reference
+from aqsearch.kernels import _gemv_pk, _pk_words, packing
 
 pytest.importorskip("triton", reason="triton is not installed")
-from aqsearch.kernels import launch  # noqa: E402 (a broken module fails here; it never skips)
+from aqsearch.kernels import dispatch, launch  # noqa: E402 (a broken module fails here; it never skips)
 from test_kernels import DEVICE, check, make, oracle, poisoned, xin  # noqa: E402
 
 
@@ -186,6 +186,18 @@ def test_gemv_pk_k_split_across_warps(bits, kw, masked):
         check(out, oracle(x, qw, s, z, bits, g, k), 2e-3)
 
 
+@pytest.mark.parametrize("bits,bks,kw", ((2, 64, 8), (3, 64, 4), (4, 64, 16)))
+def test_gemv_pk_refuses_a_tile_that_does_not_deal_to_its_warps(bits, bks, kw):
+    """A tile whose word rows (3 bits: 32-code steps) do not deal evenly to kw warps would lose rows in the
+    round-robin loop (here each warp would get none: a wrong answer, silently): the launcher refuses the config
+    with a clear error, as it does for any config not from ``dispatch.candidates``. Catches the check removed."""
+    n, k = 64, 256
+    qw, s, z = make(n, k, bits, bks)
+    with pytest.raises(ValueError, match="kw="):
+        launch.gemv(xin(1, k), qw, s, z, bits, bks, k, {"pk": True, "BN": 32, "BKS": bks, "split": 1, "kw": kw,
+                                                         "num_warps": kw})
+
+
 @pytest.mark.parametrize("bits,kw", ((2, 2), (2, 4), (4, 4), (4, 8), (8, 2), (8, 4)))
 @pytest.mark.parametrize("n,k", ((64, 512), (64, 448), (40, 458)), ids=("even", "K-not-whole-steps", "masked"))
 def test_gemv_pk_warps_take_whole_tiles(bits, kw, n, k):
@@ -292,14 +304,7 @@ def test_pdl_chain_reads_what_the_kernel_before_wrote(pdl, kw, stages):
 
     def run(cfg):
         outs = [torch.empty(1, n, dtype=torch.float16, device=DEVICE) for _ in range(6)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile, and grow the split-K workspace of the capture's stream
-            chain(cfg, outs)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=side):
-            chain(cfg, outs)
+        g = dispatch.capture([lambda: chain(cfg, outs)])  # run once (compiles, grows the workspace), captured
         for o in outs:
             o.fill_(float("nan"))
         for _ in range(3):
