@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .packing import kw_fits
+
 _LOCK = threading.Lock()
 _MEM: dict[str, dict] = {}
 _DISK_LOADED: set[str] = set()
@@ -91,13 +93,6 @@ _GEMV_PK_KW = ((128, 4, 128, 4, 3), (128, 4, 64, 8, 3), (256, 4, 128, 2, 3), (25
 # weight as the MMA's first operand) took 0.22-0.25x cuBLAS at M = 1024 / 4096 over six tiles, so it is not a
 # candidate; a Triton fp16 GEMM with no dequantization reached only 0.81-0.95x cuBLAS there.
 _GEMM_KN = ((128, 128, 4, 4, 0), (256, 128, 8, 3, 0))
-
-
-def kw_fits(bits: int, bks: int, kw: int) -> bool:
-    """Whether a pk GEMV tile of ``bks`` deals evenly to ``kw`` warps: its word rows (3 bits: its 32-code steps).
-    The round-robin loop decodes ``rows // kw`` of them a warp, so a tile that does not deal evenly would drop
-    rows: the candidates never hold one, and the launcher refuses one."""
-    return (bks // (32 if bits == 3 else 32 // bits)) % kw == 0
 
 
 def pk_bks(bits: int, group: int, cap: int) -> int:

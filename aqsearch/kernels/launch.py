@@ -33,8 +33,7 @@ import torch
 import functools
 
 from . import _gemm, _gemv, _gemv_h2, _gemv_pk
-from .dispatch import kw_fits
-from .packing import effective_group
+from .packing import effective_group, kw_fits
 
 ONES = 0xFFFF  # the kernels' run-time mask source (see _tl_common.win)
 _WORKSPACE: dict = {}  # (device, stream, pool) -> [fp32 partials, int32 counters]: reused across launches

@@ -154,3 +154,10 @@ def storage_bytes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     if zeros is not None:
         total += zeros.numel() * zeros.element_size()
     return total
+
+
+def kw_fits(bits: int, bks: int, kw: int) -> bool:
+    """Whether a pk GEMV tile of ``bks`` codes deals evenly to ``kw`` warps: its word rows (3 bits: its 32-code
+    steps, two low-plane rows and one high-plane row). The round-robin loop decodes ``rows // kw`` of them a warp,
+    so a tile that does not deal evenly would drop rows: the candidates never hold one, the launcher refuses one."""
+    return (bks // (32 if bits == 3 else 32 // bits)) % kw == 0
