@@ -2,7 +2,6 @@
 during the polish and resume, refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -81,16 +80,21 @@ def test_kill_9_midway_then_resume_gives_the_same_plan(first_run, tiny_dir, tmp_
     """Catches a resume that trains polished blocks again, or ends with another plan."""
     tmp, out, _ = first_run
     argv, out2, jr2 = progressive(tiny_dir, tmp_path, "4bpw", "b")
-    env = dict(os.environ)
-    p = subprocess.Popen([sys.executable, "-m", "aqsearch", *argv], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the polish finished its first block, then kill mid-run
-        if jr2.exists() and any(r["type"] == "polish" for r in Journal(jr2).records()):
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # The child dies by SIGKILL right after the journal holds block 0's polish record: the worst moment, and the
+    # same one on every machine (polling the journal from here raced a fast polish that reached block 1 first).
+    killer = ("import os, signal, sys\n"
+              "from aqsearch.strategies.journal import Journal\n"
+              "append = Journal.append\n"
+              "def dying_append(self, record):\n"
+              "    append(self, record)\n"
+              "    if record.get('type') == 'polish':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "Journal.append = dying_append\n"
+              "from aqsearch.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", killer, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL
     recs = list(Journal(jr2).records())
     assert not out2.exists() and [r["block"] for r in recs if r["type"] == "polish"] == [0]
     assert main(argv) == 0
