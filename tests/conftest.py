@@ -74,3 +74,21 @@ def postgres_url(tmp_path_factory):
     finally:
         subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A model load fails the test: for refusals that must come before any model is read (a timer would
+    let a tiny model through, and flake on a slow machine)."""
+    import aqsearch.job
+    import aqsearch.models
+
+    calls = []
+
+    def refuse(spec, *a, **k):
+        calls.append(spec)
+        raise AssertionError(f"the model {spec} was loaded before the refusal")
+
+    monkeypatch.setattr(aqsearch.models, "load_model", refuse)
+    monkeypatch.setattr(aqsearch.job, "load_model", refuse)
+    return calls
