@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import optuna
 import pytest
@@ -188,37 +187,25 @@ def test_an_unfinished_bank_in_a_read_only_storage_is_one_line(loaded, calib, tm
 
 
 WORKER = textwrap.dedent("""
-    import os, sys, torch
+    import os, signal, sys, torch
     from aqsearch.bank import Bank, BankConfig
+    from aqsearch.bank.build import UnitBuilder
     from aqsearch.data import TokenSet
     from aqsearch.models import load_model
+    if sys.argv[4:] == ["die"]:  # kill -9 as the second unit starts: one unit finished, one held (a known state)
+        build_unit, calls = UnitBuilder.__call__, []
+        def dying(self, name):
+            calls.append(name)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return build_unit(self, name)
+        UnitBuilder.__call__ = dying
     m = load_model(sys.argv[1])
     g = torch.Generator().manual_seed(0)
     calib = TokenSet.from_ids(torch.randint(0, 320, (2000,), generator=g), 16, 8, "random ids")
     cfg = BankConfig(menu=("w4g64", "w3g64", "w2g64"), steps=int(sys.argv[3]), batch=4, race=False)
     Bank(m.model, m.fingerprint, calib, cfg, sys.argv[2], heartbeat=1).build()
 """)
-
-
-def start_worker(tiny_dir, url, steps, cache):
-    env = dict(os.environ, AQSEARCH_CACHE=str(cache))  # separate hosts: no folder in common
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(tiny_dir), url, str(steps)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def kill_mid_unit(p, study_of, deadline_s=300):
-    """kill -9 once the worker holds a running unit and has finished at least one (a known state)."""
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        st = study_of()
-        states = [t.state for t in st.get_trials(deepcopy=False)]
-        if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            return
-        time.sleep(0.05)
-    p.kill()
-    pytest.fail("the worker never held a unit with one finished")
 
 
 def check_complete_once(bank, before: dict):
@@ -242,13 +229,13 @@ def test_kill_9_mid_unit_then_another_worker_finishes(where, loaded, calib, tiny
         cfg = BankConfig(**{**cfg.__dict__, "seed": 7})  # a bank of its own in the shared server
         steps = None
     w = WORKER if steps else WORKER.replace("race=False)", "race=False, seed=7)")
-    p = subprocess.Popen([sys.executable, "-c", w, str(tiny_dir), url, str(cfg.steps)],
-                         env=dict(os.environ, AQSEARCH_CACHE=str(tmp_path / "host-a")),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run([sys.executable, "-c", w, str(tiny_dir), url, str(cfg.steps), "die"],
+                       env=dict(os.environ, AQSEARCH_CACHE=str(tmp_path / "host-a")),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert p.returncode == -signal.SIGKILL
     probe = Bank(loaded.model, loaded.fingerprint, calib, cfg, url, heartbeat=1)
-    kill_mid_unit(p, lambda: probe.store.study)
     before = {t.user_attrs["unit"]: t.user_attrs["sha256"] for t in unit_trials(probe)}
-    assert 0 < len(before) < len(probe.units)
+    assert len(before) == 1 < len(probe.units)
     q = subprocess.Popen([sys.executable, "-c", w, str(tiny_dir), url, str(cfg.steps)],
                          env=dict(os.environ, AQSEARCH_CACHE=str(tmp_path / "host-b")))
     assert q.wait(timeout=300) == 0
