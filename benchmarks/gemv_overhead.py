@@ -120,5 +120,6 @@ def main(argv=None) -> None:
         for mode in modes:
             record(f"w{bits} {mode}", pts[mode], bits=bits, config={**base, **MODES[mode]})
 
+
 if __name__ == "__main__":
     main()

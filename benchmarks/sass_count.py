@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from aqsearch.kernels import _gemv, _gemv_h2, _gemv_pk, dispatch, launch  # noqa: E402
+from aqsearch.kernels import _gemv, _gemv_h2, _gemv_pk, launch  # noqa: E402
+from aqsearch.kernels.packing import kw_fits  # noqa: E402
 
 OLD_SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "out_ptr": "*fp16",
            "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_lo": "i32",
@@ -140,7 +141,7 @@ def main(argv=None):
                 per, ops, regs, spills, bks = count(bits, new)
                 rows.append(("half2 (h2)" if new else "fp32 (old)", bks, per, ops, regs, spills, 1))
         for bks in (int(b) for b in args.bks.split(",")):
-            if not dispatch.kw_fits(bits, bks, args.kw):
+            if not kw_fits(bits, bks, args.kw):
                 continue
             per, ops, regs, spills, _ = count_pk(bits, bks, kw=args.kw)
             rows.append((f"f16x2 asm (pk{f', kw {args.kw}' if args.kw > 1 else ''})", bks, per, ops, regs, spills,

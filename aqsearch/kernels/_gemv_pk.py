@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._pk_words import _cp, _cps, _flush, _l2_prefetch, _word3, _word8, _word24, _xwords, _zero_int
+from ._pk_words import _cp, _cps, _flush, _l2_prefetch, _word3, _word_row, _xwords, _zero_int
 from ._tl_common import splitk_reduce
 
 
@@ -199,13 +199,7 @@ def _kg_loop(a, zero, x_ptr, w_ptr, s_ptr, z_ptr, rk, cc, wm, k_start, k_end, N,
         xk = x_ptr.to(tl.pointer_type(tl.int64)) + kx // 4
         for r in tl.static_range(R):
             xw = _xwords(x_ptr, xk, kx, PW * r, K, PW // 2, EVEN_K)
-            if BITS == 8:
-                if r % 2 == 0:
-                    a0, a1 = _word8(cw[r], xw, cs[0], a0, a1, S, ASM, ASMTXT)
-                else:
-                    a2, a3 = _word8(cw[r], xw, cs[0], a2, a3, S, ASM, ASMTXT)
-            else:
-                a0, a1, a2, a3 = _word24(cw[r], xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASMTXT)
+            a0, a1, a2, a3 = _word_row(cw[r], xw, cs, r, a0, a1, a2, a3, BITS, S, ASM, ASMTXT)
         a += _flush(a0, a1, a2, a3, ASM) * s
     return a
 
@@ -334,13 +328,7 @@ def gemv_pk_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
                         w = tl.load(wp)
                     wp += KW * N
                     xw = _xwords(x_ptr, xk, kx, PW * KW * r, K, PW // 2, EVEN_K)
-                    if BITS == 8:
-                        if r % 2 == 0:
-                            a0, a1 = _word8(w, xw, cs[0], a0, a1, S, ASM, ASM0)
-                        else:
-                            a2, a3 = _word8(w, xw, cs[0], a2, a3, S, ASM, ASM0)
-                    else:
-                        a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASM0)
+                    a0, a1, a2, a3 = _word_row(w, xw, cs, r, a0, a1, a2, a3, BITS, S, ASM, ASM0)
             a += _flush(a0, a1, a2, a3, ASM) * s
     if PDL and LATE:
         tl.extra.cuda.gdc_launch_dependents()

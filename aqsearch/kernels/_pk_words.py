@@ -126,6 +126,21 @@ def _word8(w, xw, c0, a0, a1, S: tl.constexpr, ASM: tl.constexpr, ASMTXT: tl.con
 
 
 @triton.jit
+def _word_row(w, xw, cs, r: tl.constexpr, a0, a1, a2, a3, BITS: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
+              ASMTXT: tl.constexpr):
+    """Word row ``r`` of a 2/4/8-bit tile into the four accumulators (8 bits: even rows into a0/a1, odd into a2/a3,
+    two independent chains)."""
+    if BITS == 8:
+        if r % 2 == 0:
+            a0, a1 = _word8(w, xw, cs[0], a0, a1, S, ASM, ASMTXT)
+        else:
+            a2, a3 = _word8(w, xw, cs[0], a2, a3, S, ASM, ASMTXT)
+    else:
+        a0, a1, a2, a3 = _word24(w, xw, cs, a0, a1, a2, a3, BITS, S, ASM, ASMTXT)
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _word3(lw, hw, xw, c0, c4, a0, a1, a2, a3, HALF: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr,
            ASMTXT: tl.constexpr):
     """One 3-bit low-plane word ``lw`` with its high bits (half ``HALF`` of ``hw``)."""

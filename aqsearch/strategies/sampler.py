@@ -20,7 +20,6 @@ with one seed gives the same sequence of trials.
 
 from __future__ import annotations
 
-
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution
