@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from aqsearch.cli import main
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -349,16 +349,10 @@ def test_smollm2_export_loads_in_transformers_with_eval_kl(tmp_path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from aqsearch.data import calib_eval_sets
-    from aqsearch.models import load_model
     from aqsearch.quality import build_reference, evaluate, summarize, token_stats
-    from tinymodels import WIKI_TEST, WIKI_VALID
+    from tinymodels import WIKI_TEST, WIKI_VALID, load_smollm2
 
-    saved = os.environ.pop("AQSEARCH_CACHE", None)  # the converted model lives in the user cache across runs
-    try:
-        smol = load_model("smollm2-135m")
-    finally:
-        if saved is not None:
-            os.environ["AQSEARCH_CACHE"] = saved
+    smol = load_smollm2()
     wiki = WIKI_TEST.exists()
     _, ev = calib_eval_sets(smol, str(WIKI_VALID) if wiki else None, str(WIKI_TEST) if wiki else None,
                             eval_tokens=256, seqlen=256)

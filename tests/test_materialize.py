@@ -212,9 +212,9 @@ def test_cli_errors_are_one_line(argv, msg, capsys):
 @pytest.mark.real
 @torch.no_grad()
 def test_real_smollm2_matches_fake_quant_and_round_trips(tmp_path):
-    from aqsearch.models import load_model
+    from tinymodels import load_smollm2
 
-    loaded = load_model("smollm2-135m")  # no skip: a model that does not load is a failure
+    loaded = load_smollm2()  # no skip: a model that does not load is a failure
     model, tok = loaded.model, loaded.tokenizer
     model.half().float()  # fp16-representable: the fp16 checkpoint is then lossless for the comparison
     plan = Plan.from_layers({"_default": "w4g64", "re:.*mlp\\.down_proj": "w8g128",

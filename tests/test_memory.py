@@ -1,7 +1,6 @@
 """Bytes against hand counts."""
 
 import pytest
-import torch
 
 from aqsearch.config import Budget, Plan, QuantScheme
 from aqsearch.memory import code_words, layer_bytes, plan_bytes, smallest_bytes

@@ -1,6 +1,5 @@
 """notebooks/pareto.ipynb runs top to bottom on a study made here."""
 
-import os
 from pathlib import Path
 
 import nbformat

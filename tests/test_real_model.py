@@ -4,27 +4,21 @@ Uses the WikiText-2 files when the checkout sits beside ``shared/data`` and text
 model otherwise. The first run converts the GGUF (about a minute) into the user cache.
 """
 
-import os
 
 import pytest
 
 from aqsearch.config import Plan
 from aqsearch.data import calib_eval_sets
-from aqsearch.models import decoder_layers, load_model
+from aqsearch.models import decoder_layers
 from aqsearch.quality import build_reference, evaluate
-from tinymodels import WIKI_TEST, WIKI_VALID
+from tinymodels import WIKI_TEST, WIKI_VALID, load_smollm2
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
 def smol():
-    saved = os.environ.pop("AQSEARCH_CACHE", None)  # the converted model lives in the user cache across runs
-    try:
-        return load_model("smollm2-135m")
-    finally:
-        if saved is not None:
-            os.environ["AQSEARCH_CACHE"] = saved
+    return load_smollm2()
 
 
 def test_smollm2_end_to_end(smol):

@@ -1,6 +1,5 @@
 """Block capture, SignRound training, the learning-curve regressor, the weights file."""
 
-import itertools
 import json
 import math
 import random

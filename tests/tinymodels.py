@@ -19,6 +19,22 @@ CORPUS = (
 ) * 20
 
 
+def load_smollm2():
+    """The real SmolLM2-135M from the user's cache (``AQSEARCH_CACHE`` unset for the load): its conversion takes a
+    minute and half a gigabyte, so the real tests share one converted copy across tests and runs instead of
+    converting again into each session's temporary cache."""
+    import os
+
+    from aqsearch.models import load_model
+
+    saved = os.environ.pop("AQSEARCH_CACHE", None)
+    try:
+        return load_model("smollm2-135m")
+    finally:
+        if saved is not None:
+            os.environ["AQSEARCH_CACHE"] = saved
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
