@@ -74,7 +74,8 @@ def test_each_move_changes_a_unit_a_pair_a_block_or_one_kind_only():
     """Each of the sampler's moves (step, trade, block, group, protect) changes one unit, two, the units of
     one block, or one kind of unit (or one end block): never the plan at large (catches a protection or a
     block move that raises everything, which makes every child a jump far from its parent)."""
-    from aqsearch.strategies.sampler import FrontMutationSampler, _where
+    from aqsearch.models import split_unit
+    from aqsearch.strategies.sampler import FrontMutationSampler
 
     names = [f"model.layers.{b}.{k}" for b in range(6) for k in ("qkv", "o", "gate_up", "down")]
     ladder = ["w2g64", "w2g32", "w3g64", "w3g32", "w4g64", "w4g32"]
@@ -84,7 +85,7 @@ def test_each_move_changes_a_unit_a_pair_a_block_or_one_kind_only():
         child = {n: "w3g64" for n in names}
         s._move(child, {n: ladder for n in names}, names)
         moved = [n for n in names if child[n] != "w3g64"]
-        where = [_where(n) for n in moved]
+        where = [split_unit(n) for n in moved]
         one_block = len({b for b, _ in where}) == 1
         one_kind = len({k for _, k in where}) == 1
         assert len(moved) <= 2 or one_block or one_kind, moved

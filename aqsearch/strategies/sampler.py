@@ -26,7 +26,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.search_space import intersection_search_space
 
 from aqsearch.config import QuantScheme
-from aqsearch.models import split_unit as _where
+from aqsearch.models import split_unit
 
 DONE = optuna.trial.TrialState.COMPLETE
 
@@ -88,11 +88,11 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
             self._step(child, ladders, names[a], 1)
             self._step(child, ladders, names[b], -1)
         elif r < 0.7:
-            blocks = sorted({b for b, _ in map(_where, names) if b is not None})
+            blocks = sorted({b for b, _ in map(split_unit, names) if b is not None})
             if blocks:
                 pick = blocks[self.rng.randint(len(blocks))]
                 for n in names:
-                    if _where(n)[0] == pick:
+                    if split_unit(n)[0] == pick:
                         self._step(child, ladders, n, d)
         elif r < 0.85:
             n = names[self.rng.randint(len(names))]
@@ -106,7 +106,7 @@ class FrontMutationSampler(optuna.samplers.BaseSampler):
 
     def protect_set(self, names: list) -> list:
         """One of the cheap protections (see the module): the units it raises."""
-        where = {n: _where(n) for n in names}
+        where = {n: split_unit(n) for n in names}
         blocks = sorted({b for b, _ in where.values() if b is not None})
         kinds = sorted({k for _, k in where.values() if k})
         sets = [[n for n in names if where[n][0] == blocks[0]], [n for n in names if where[n][0] == blocks[-1]]] if blocks else []
